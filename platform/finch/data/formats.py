@@ -1,0 +1,143 @@
+"""Normalize the common dataset row formats into one shape.
+
+A normalized sample is either {"messages": [{"role", "content"}, ...]} (instruction data,
+trained on the assistant turns) or {"text": str} (raw text, trained on every token).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finch.data.readers import DatasetError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    raise DatasetError(
+        f"cannot tell the row format from its keys {sorted(record)}; expected one of: "
+        "messages (OpenAI), conversations (ShareGPT), instruction/input/output (Alpaca), "
+        "prompt/completion, text"
+    )
+
+
+def normalize(record: dict[str, Any], fmt: str, source: str, system_prompt: str | None = None) -> dict[str, Any]:
+    """Return the normalized sample of one row; errors name `source` (file:line) and the field."""
+    try:
+        fmt = detect_format(record) if fmt == "auto" else fmt
+        if fmt == "text":
+            return {"text": _string(record, "text", allow_empty=False)}
+        messages = _NORMALIZERS[fmt](record)
+    except DatasetError as err:
+        raise DatasetError(f"{source}: {err}") from None
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    _check_conversation(messages, source)
+    return {"messages": messages}
+
+
+def _alpaca(record: dict[str, Any]) -> list[dict[str, str]]:
+    instruction = _string(record, "instruction", allow_empty=False)
+    extra = _string(record, "input") if record.get("input") is not None else ""
+    messages = [{"role": "system", "content": _string(record, "system")}] if record.get("system") else []
+    messages.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
+    messages.append({"role": "assistant", "content": _string(record, "output", allow_empty=False)})
+    return messages
+
+
+def _openai_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    turns = _turn_list(record, "messages")
+    messages = []
+    for index, turn in enumerate(turns):
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise DatasetError(f"field messages[{index}].role: {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DatasetError(f"field messages[{index}].content: expected a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _sharegpt(record: dict[str, Any]) -> list[dict[str, str]]:
+    turns = _turn_list(record, "conversations")
+    messages = [{"role": "system", "content": _string(record, "system")}] if record.get("system") else []
+    for index, turn in enumerate(turns):
+        speaker, value = turn.get("from"), turn.get("value")
+        if speaker not in SHAREGPT_ROLES:
+            raise DatasetError(
+                f"field conversations[{index}].from: {speaker!r} is not one of {', '.join(SHAREGPT_ROLES)}"
+            )
+        if not isinstance(value, str):
+            raise DatasetError(f"field conversations[{index}].value: expected a string, got {type(value).__name__}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return messages
+
+
+def _prompt_completion(record: dict[str, Any]) -> list[dict[str, str]]:
+    prompt, completion = record.get("prompt"), record.get("completion")
+    # TRL's conversational variant: prompt and completion are lists of messages.
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return _openai_messages({"messages": prompt + completion})
+    return [
+        {"role": "user", "content": _string(record, "prompt", allow_empty=False)},
+        {"role": "assistant", "content": _string(record, "completion", allow_empty=False)},
+    ]
+
+
+def _turn_list(record: dict[str, Any], field: str) -> list[dict[str, Any]]:
+    turns = record.get(field)
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"field {field}: expected a non-empty list of turns")
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DatasetError(f"field {field}[{index}]: expected an object, got {type(turn).__name__}")
+    return turns
+
+
+def _string(record: dict[str, Any], field: str, allow_empty: bool = True) -> str:
+    value = record.get(field)
+    if value is None:
+        raise DatasetError(f"missing field {field!r}")
+    if not isinstance(value, str):
+        raise DatasetError(f"field {field}: expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DatasetError(f"field {field} is empty")
+    return value
+
+
+def _check_conversation(messages: list[dict[str, str]], source: str) -> None:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DatasetError(f"{source}: conversation has no assistant turn, so nothing to train on")
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DatasetError(f"{source}: assistant turn {index} is empty")
+    if messages[0]["role"] == "assistant":
+        raise DatasetError(f"{source}: conversation starts with an assistant turn; it needs a prompt first")
+
+
+_NORMALIZERS = {
+    "alpaca": _alpaca,
+    "messages": _openai_messages,
+    "sharegpt": _sharegpt,
+    "prompt_completion": _prompt_completion,
+}

@@ -1,0 +1,169 @@
+"""The Ray Data pipeline: read -> normalize -> template -> tokenize+mask -> split -> pack.
+
+`prepare_datasets` runs it and returns materialized datasets: training on a 2-core machine
+deadlocks if Ray Data streams into train workers that hold every CPU (DESIGN.md), and
+materialized blocks also let every epoch reuse the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import ray
+import ray.data
+
+from finch.config import DataConfig
+from finch.data.formats import normalize
+from finch.data.packing import pack_examples
+from finch.data.readers import DatasetError, check_readable, iter_records
+from finch.data.templates import render_sample, resolve_template
+from finch.data.tokenization import IGNORE_INDEX, tokenize_segments
+
+PACK_GROUP_EXAMPLES = 2048  # examples packed together; larger groups fill rows better
+
+
+@dataclass
+class PreparedData:
+    train: ray.data.Dataset
+    eval: ray.data.Dataset | None
+    template: str
+    stats: dict[str, Any]
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """One tokenizer per Ray worker process and path (tasks reuse worker processes)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not tokenizer.is_fast:
+        raise DatasetError(f"{path}: finch needs a fast (Rust) tokenizer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prepare_datasets(data: DataConfig, tokenizer_path: str) -> PreparedData:
+    template = resolve_template(data.template, load_tokenizer(tokenizer_path))
+    examples = tokenize_files(data.train_files, data, tokenizer_path, template)
+    stats = example_stats(examples, data.max_length)
+    examples = _with_answers(examples, data.train_files)
+    eval_examples = None
+    if data.eval_files:
+        eval_examples = _with_answers(tokenize_files(data.eval_files, data, tokenizer_path, template), data.eval_files)
+    elif data.eval_fraction:
+        examples, eval_examples = examples.train_test_split(test_size=data.eval_fraction, shuffle=True, seed=data.seed)
+    pad_id = load_tokenizer(tokenizer_path).pad_token_id
+    train = to_rows(examples, data, pad_id)
+    stats.update(row_stats(train, data.max_length))
+    if eval_examples is not None:
+        stats["eval_examples"] = eval_examples.count()
+        eval_examples = to_rows(eval_examples, data, pad_id)
+    return PreparedData(train=train, eval=eval_examples, template=template, stats=stats)
+
+
+def tokenize_files(files: list[str], data: DataConfig, tokenizer_path: str, template: str) -> ray.data.Dataset:
+    for path in files:
+        check_readable(path)
+    records = ray.data.from_items([{"path": path} for path in files]).flat_map(_read_file)
+    examples = records.map_batches(
+        _tokenize_batch,
+        batch_format="pandas",
+        fn_kwargs={"data": data, "tokenizer_path": tokenizer_path, "template": template},
+    )
+    examples = raise_dataset_errors(examples.materialize)
+    if examples.count() == 0:
+        raise DatasetError(f"no examples in {', '.join(files)}: the files hold no rows")
+    return examples
+
+
+def _with_answers(examples: ray.data.Dataset, files: list[str]) -> ray.data.Dataset:
+    """Drop examples whose answer was truncated away entirely: they carry no loss."""
+    kept = examples.filter(lambda row: row["trainable"] > 0).materialize()
+    if kept.count() == 0:
+        raise DatasetError(f"no example in {', '.join(files)} keeps an answer token within data.max_length")
+    return kept
+
+
+def to_rows(examples: ray.data.Dataset, data: DataConfig, pad_id: int) -> ray.data.Dataset:
+    """Training rows: packed to max_length, or one example per row (padded later per batch)."""
+    if not data.packing:
+        return examples.select_columns(["input_ids", "labels"]).materialize()
+    return examples.map_batches(
+        _pack_batch,
+        batch_size=PACK_GROUP_EXAMPLES,
+        batch_format="pandas",
+        fn_kwargs={"max_length": data.max_length, "pad_id": pad_id},
+    ).materialize()
+
+
+def example_stats(examples: ray.data.Dataset, max_length: int) -> dict[str, Any]:
+    frame = examples.select_columns(["length", "truncated", "trainable"]).to_pandas()
+    lengths = frame["length"]
+    return {
+        "examples": len(frame),
+        "tokens": int(lengths.sum()),
+        "trainable_tokens": int(frame["trainable"].sum()),
+        "truncated": int(frame["truncated"].sum()),
+        "dropped_no_answer": int((frame["trainable"] == 0).sum()),
+        "length_min": int(lengths.min()),
+        "length_mean": float(lengths.mean()),
+        "length_p50": float(lengths.quantile(0.5)),
+        "length_p95": float(lengths.quantile(0.95)),
+        "length_max": int(lengths.max()),
+        "max_length": max_length,
+        "lengths": lengths.tolist(),
+    }
+
+
+def row_stats(rows: ray.data.Dataset, max_length: int) -> dict[str, Any]:
+    """Rows and the share of their slots holding real tokens (packing efficiency)."""
+    count = rows.count()
+    if "num_tokens" not in rows.columns():
+        return {"rows": count, "packing_efficiency": None}
+    return {"rows": count, "packing_efficiency": rows.sum("num_tokens") / (count * max_length)}
+
+
+def raise_dataset_errors(action):
+    """Run a Ray Data action, re-raising a DatasetError from inside a task as itself.
+
+    Ray wraps exceptions from tasks; users should see 'file:line: field ...', not a Ray stack.
+    """
+    try:
+        return action()
+    except Exception as err:  # noqa: BLE001 - we only translate our own error type
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, DatasetError):
+                raise DatasetError(str(cause).splitlines()[-1] if "\n" in str(cause) else str(cause)) from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
+def _read_file(item: dict[str, Any]) -> list[dict[str, str]]:
+    # Records travel as JSON text: rows from different formats have different nested shapes,
+    # which one Arrow schema cannot hold.
+    return [{"source": source, "record": json.dumps(record, default=str)} for source, record in iter_records(item["path"])]
+
+
+def _tokenize_batch(batch: pd.DataFrame, data: DataConfig, tokenizer_path: str, template: str) -> pd.DataFrame:
+    tokenizer = load_tokenizer(tokenizer_path)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "trainable": []}
+    for source, record in zip(batch["source"], batch["record"]):
+        sample = normalize(json.loads(record), data.format, source, data.system_prompt)
+        example = tokenize_segments(render_sample(sample, template, tokenizer), tokenizer, data.max_length, template)
+        out["input_ids"].append(example.input_ids)
+        out["labels"].append(example.labels)
+        out["length"].append(len(example.input_ids))
+        out["truncated"].append(example.truncated)
+        out["trainable"].append(sum(label != IGNORE_INDEX for label in example.labels))
+    return pd.DataFrame(out)
+
+
+def _pack_batch(batch: pd.DataFrame, max_length: int, pad_id: int) -> pd.DataFrame:
+    rows = pack_examples([list(x) for x in batch["input_ids"]], [list(x) for x in batch["labels"]], max_length, pad_id)
+    return pd.DataFrame(rows)

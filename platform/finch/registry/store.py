@@ -1,0 +1,106 @@
+"""The adapter registry: `{registry}/{name}/v{N}/` in PEFT layout plus `finch_manifest.json`.
+
+Folders are written complete into a temp dir and renamed into place, so a reader (chat,
+serving) never sees a half-written adapter, and two writers never get the same version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "finch_manifest.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+REF_PATTERN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})(?:@v?(?P<version>\d+))?$")
+
+
+class RegistryError(ValueError):
+    """An adapter reference that does not resolve to a complete registry entry."""
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+
+def publish_adapter(registry_dir: str | Path, name: str, files: dict[str, Path], manifest: dict[str, Any]) -> AdapterEntry:
+    """Copy `files` (target name -> source path) plus the manifest into the next version folder."""
+    if not NAME_PATTERN.match(name):
+        raise RegistryError(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
+    missing = [f for f in ADAPTER_FILES if f not in files]
+    if missing:
+        raise RegistryError(f"adapter for {name!r} lacks {', '.join(missing)}")
+    root = Path(registry_dir).resolve() / name
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        for target, source in files.items():
+            shutil.copyfile(source, staging / target)
+        version = _next_version(root)
+        while True:
+            manifest = {**manifest, "name": name, "version": version}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            _fsync_folder(staging)
+            try:
+                os.rename(staging, root / f"v{version}")  # atomic; fails if a writer took this version
+                break
+            except OSError:
+                version += 1
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return AdapterEntry(name, version, root / f"v{version}", manifest)
+
+
+def resolve_adapter(registry_dir: str | Path, ref: str) -> AdapterEntry:
+    """`name` (latest version), `name@v3` or `name@3` -> the registry entry."""
+    match = REF_PATTERN.match(ref)
+    if not match:
+        raise RegistryError(f"adapter reference {ref!r} must look like name or name@vN")
+    root = Path(registry_dir).resolve() / match["name"]
+    versions = _versions(root)
+    if not versions:
+        raise RegistryError(f"no adapter named {match['name']!r} in registry {Path(registry_dir).resolve()}")
+    version = int(match["version"]) if match["version"] else versions[-1]
+    if version not in versions:
+        raise RegistryError(f"adapter {match['name']!r} has no version {version}; it has {versions}")
+    path = root / f"v{version}"
+    return AdapterEntry(match["name"], version, path, json.loads((path / MANIFEST).read_text()))
+
+
+def list_adapters(registry_dir: str | Path) -> list[AdapterEntry]:
+    root = Path(registry_dir)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)) if root.exists() else []
+    return [resolve_adapter(root, f"{name}@v{v}") for name in names for v in _versions(root / name)]
+
+
+def _versions(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    found = (re.fullmatch(r"v(\d+)", p.name) for p in root.iterdir())
+    return sorted(int(m[1]) for m in found if m and (root / m[0] / MANIFEST).exists())
+
+
+def _next_version(root: Path) -> int:
+    existing = [int(m[1]) for p in root.iterdir() if (m := re.fullmatch(r"v(\d+)", p.name))]
+    return max(existing, default=0) + 1
+
+
+def _fsync_folder(folder: Path) -> None:
+    for file in folder.iterdir():
+        with file.open("rb") as handle:
+            os.fsync(handle.fileno())

@@ -1,0 +1,26 @@
+"""Connecting to Ray: the cluster in RAY_ADDRESS if set, else a local one started here."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def init_ray() -> None:
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"),
+        logging_level=logging.WARNING,
+        # Workers import finch from the same environment; keep their tokenizers single-threaded
+        # so Ray Data tasks don't oversubscribe the cores.
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}},
+    )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)

@@ -1,0 +1,129 @@
+"""`finch train`: resolve the base model, prepare data on Ray Data, fit on Ray Train, register the adapter."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+import finch
+from finch.config import RunConfig, dump_config
+from finch.data.pipeline import PreparedData, prepare_datasets
+from finch.fingerprint import fingerprint_model_folder, fingerprint_paths
+from finch.models.loading import resolve_model_path
+from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish_adapter
+from finch.runtime import init_ray
+from finch.train.plots import plot_loss
+from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, train_loop_per_worker
+
+console = Console()
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+def train(config: RunConfig, overwrite: bool = False) -> AdapterEntry:
+    run_dir = prepare_run_dir(config, overwrite)
+    model_path = resolve_model_path(config.model.path)
+    init_ray()
+    data = prepare_datasets(config.data, model_path)
+    print_data_stats(data)
+    final_checkpoint = fit(config, model_path, data)
+    return register(config, model_path, data, final_checkpoint, run_dir)
+
+
+def prepare_run_dir(config: RunConfig, overwrite: bool) -> Path:
+    """Fail before any work on a taken run name or an unwritable output/registry folder."""
+    run_dir = config.run_dir
+    if run_dir.exists():
+        if not overwrite:
+            raise RunExistsError(f"run folder {run_dir} exists; pick another name or pass --overwrite")
+        shutil.rmtree(run_dir)
+    for folder in (run_dir, Path(config.registry_dir)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".finch-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(f"cannot write to {folder}: {err.strerror}") from None
+    (run_dir / "config.json").write_text(json.dumps(dump_config(config), indent=2))
+    return run_dir
+
+
+def fit(config: RunConfig, model_path: str, data: PreparedData):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    datasets = {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": dump_config(config), "model_path": model_path},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scale.num_workers,
+            use_gpu=config.scale.use_gpu,
+            resources_per_worker={"CPU": config.scale.cpus_per_worker or 1},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=str(config.run_dir.parent),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Without this Ray Train echoes every print of a worker twice (its logger and stdout).
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        datasets=datasets,
+        # Each worker receives all rows; HF Trainer's DistributedSampler shards them per epoch.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None or not result.checkpoint.path.endswith(FINAL_CHECKPOINT):
+        raise RuntimeError(f"training ended without a final adapter checkpoint (latest: {result.checkpoint})")
+    return result.checkpoint
+
+
+def register(config: RunConfig, model_path: str, data: PreparedData, checkpoint, run_dir: Path) -> AdapterEntry:
+    with checkpoint.as_directory() as folder:
+        log_history = json.loads(Path(folder, LOG_HISTORY_FILE).read_text())
+        loss_png = plot_loss(log_history, run_dir / "loss.png", f"{config.name}: LoRA SFT on {config.model.path}")
+        files = {name: Path(folder, name) for name in ADAPTER_FILES} | {"loss.png": loss_png}
+        entry = publish_adapter(config.registry_dir, config.name, files, manifest(config, model_path, data, log_history))
+    console.print(f"[green]finch: registered adapter {entry.ref}[/] at {entry.path}")
+    return entry
+
+
+def manifest(config: RunConfig, model_path: str, data: PreparedData, log_history: list[dict]) -> dict:
+    metrics: dict[str, float] = {}
+    for entry in log_history:
+        metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+    stats = {k: v for k, v in data.stats.items() if k != "lengths"}
+    return {
+        "base_model": {"id": config.model.path, "fingerprint": fingerprint_model_folder(model_path)},
+        "dataset": {
+            "fingerprint": fingerprint_paths(config.data.train_files + config.data.eval_files, extra=json.dumps(dump_config(config)["data"])),
+            "train_files": config.data.train_files,
+            "eval_files": config.data.eval_files,
+            "stats": stats,
+        },
+        "template": data.template,
+        "config": dump_config(config),
+        "metrics": metrics,
+        "finch_version": finch.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(config.run_dir),
+    }
+
+
+def print_data_stats(data: PreparedData) -> None:
+    stats = data.stats
+    efficiency = stats.get("packing_efficiency")
+    console.print(
+        f"finch: data {stats['examples']} examples, {stats['tokens']} tokens "
+        f"(mean {stats['length_mean']:.0f}, max {stats['length_max']}), {stats['truncated']} truncated, "
+        f"{stats['rows']} rows" + (f", packing efficiency {efficiency:.3f}" if efficiency else "")
+        + f", template {data.template}"
+    )

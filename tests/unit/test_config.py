@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finch.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = {"name": "demo", "model": {"path": "some/model"}, "data": {"train_files": ["a.jsonl"]}}
+
+
+def write(tmp_path: Path, content: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_defaults_are_filled_and_overrides_are_typed(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-4", "data.packing=false", "lora.target_modules=[q_proj, v_proj]"])
+    assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
+    assert config.data.packing is False
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.model.trust_remote_code is False
+    assert config.run_dir == (Path("runs").resolve() / "demo")
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones(tmp_path):
+    bad = {**MINIMAL, "train": {"learning_rate": 1e-4}}
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, bad))
+    message = str(err.value)
+    assert "'train.learning_rate'" in message
+    assert "allowed keys here:" in message and "lr" in message and "epochs" in message
+
+
+def test_unknown_override_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'data.max_lenght' \(did you mean 'max_length'\?\)"):
+        load_config(write(tmp_path, MINIMAL), ["data.max_lenght=64"])
+
+
+def test_bad_value_names_key_and_allowed_values(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL), ["train.scheduler=cosyne"])
+    assert "train.scheduler" in str(err.value)
+    assert "'linear'" in str(err.value) and "'cosine'" in str(err.value) and "cosyne" in str(err.value)
+
+
+def test_wrong_type_and_range_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(write(tmp_path, MINIMAL), ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match="data.eval_fraction"):
+        load_config(write(tmp_path, MINIMAL), ["data.eval_fraction=1.5"])
+
+
+def test_missing_required_key_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'model.path'"):
+        load_config(write(tmp_path, {**MINIMAL, "model": {}}))
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(write(tmp_path, MINIMAL), ["train.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_eval_files_and_fraction_are_exclusive(tmp_path):
+    with pytest.raises(ConfigError, match="eval_files or data.eval_fraction"):
+        load_config(write(tmp_path, MINIMAL), ["data.eval_files=[b.jsonl]", "data.eval_fraction=0.1"])
+
+
+@pytest.mark.parametrize("path", sorted(p for folder in ("jobs", "serve", "tune") for p in (REPO / folder).rglob("*.yaml")), ids=str)
+def test_every_shipped_config_validates(path):
+    if path.parent.name == "quickstart" or "train_files" in path.read_text():
+        load_config(path)

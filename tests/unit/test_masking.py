@@ -1,0 +1,68 @@
+"""Exact label positions: only answer tokens (and the EOS/end-of-turn that ends them) carry loss."""
+
+from finch.data.templates import ALPACA_PREAMBLE, render_sample
+from finch.data.tokenization import IGNORE_INDEX, prompt_token_ids, tokenize_segments
+
+QA = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_alpaca_template_labels_only_the_answer_and_eos(tokenizer):
+    example = tokenize_segments(render_sample({"messages": QA}, "alpaca", tokenizer), tokenizer, 512, "alpaca")
+    prompt = ids(tokenizer, ALPACA_PREAMBLE + "### Instruction:\nWhat is 2+2?\n\n### Response:\n")
+    answer = ids(tokenizer, "It is 4.") + [tokenizer.eos_token_id]
+    assert example.input_ids == prompt + answer
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + answer
+    assert not example.truncated
+
+
+def test_chat_template_labels_every_assistant_turn_with_its_end_token(tokenizer):
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        *QA,
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6."},
+    ]
+    example = tokenize_segments(render_sample({"messages": messages}, "chat", tokenizer), tokenizer, 512, "chat")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(example.input_ids) == full
+    trained = [tok for tok, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert trained == ids(tokenizer, "It is 4.<|im_end|>\n") + ids(tokenizer, "6.<|im_end|>\n")
+    # labels equal input ids wherever they are set
+    assert all(label in (IGNORE_INDEX, tok) for tok, label in zip(example.input_ids, example.labels))
+
+
+def test_raw_text_trains_on_every_token_plus_eos(tokenizer):
+    example = tokenize_segments(render_sample({"text": "to be or not"}, "chat", tokenizer), tokenizer, 512, "chat")
+    assert example.labels == example.input_ids == ids(tokenizer, "to be or not") + [tokenizer.eos_token_id]
+
+
+def test_truncation_keeps_the_head_and_flags_it(tokenizer):
+    full = tokenize_segments(render_sample({"messages": QA}, "alpaca", tokenizer), tokenizer, 10_000, "alpaca")
+    cut = tokenize_segments(render_sample({"messages": QA}, "alpaca", tokenizer), tokenizer, 12, "alpaca")
+    assert cut.truncated and len(cut.input_ids) == 12
+    assert cut.input_ids == full.input_ids[:12] and cut.labels == full.labels[:12]
+
+
+def test_inference_prompt_is_the_training_prefix(tokenizer):
+    """Chat and serving must prompt with exactly the tokens that preceded the answer in training."""
+    for template in ("alpaca", "chat"):
+        example = tokenize_segments(render_sample({"messages": QA}, template, tokenizer), tokenizer, 512, template)
+        prompt = prompt_token_ids(QA[:1], tokenizer, template)
+        first_answer = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+        assert example.input_ids[:first_answer] == prompt, template
+
+
+def test_plain_template_prepends_bos_when_the_tokenizer_does(tokenizer):
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)]
+    )
+    example = tokenize_segments(render_sample({"messages": QA}, "alpaca", tokenizer), tokenizer, 512, "alpaca")
+    assert example.input_ids[0] == tokenizer.bos_token_id and example.labels[0] == IGNORE_INDEX
+    assert example.input_ids.count(tokenizer.bos_token_id) == 1
