@@ -84,3 +84,32 @@ def tokenizer():
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the in-process integration tests (stopped by shutdown, not `ray stop`)."""
+    import ray
+
+    from finch.runtime import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def run_config_dict(tmp_path: Path, model_dir: Path, train_files: list[str], **sections) -> dict:
+    """A small run config on the tiny model; keyword sections are merged over the defaults."""
+    config = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "registry_dir": str(tmp_path / "registry"),
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "data": {"train_files": train_files, "max_length": 128},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"lr": 3e-3, "max_steps": 6, "batch_size": 4, "save_steps": 3, "scheduler": "constant"},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    return config

@@ -41,9 +41,12 @@ class ChatSession:
         config = validate_config(adapters[0].manifest["config"])
         folder = resolve_model_path(config.model.path)
         tokenizer = load_tokenizer(folder)
-        model = PeftModel.from_pretrained(
-            load_base_model(config.model, folder), adapters[0].path, adapter_name=adapters[0].ref
-        )
+        on_gpu = torch.cuda.is_available()
+        # Greedy decoding on CPU runs about 5x faster in float32 than in bfloat16 (measured on
+        # Gemma 3 270M); on GPU the training dtype is kept.
+        model_config = config.model if on_gpu else config.model.model_copy(update={"dtype": "float32"})
+        base = load_base_model(model_config, folder, use_gpu=on_gpu).to("cuda" if on_gpu else "cpu")
+        model = PeftModel.from_pretrained(base, adapters[0].path, adapter_name=adapters[0].ref)
         for adapter in adapters[1:]:
             model.load_adapter(adapter.path, adapter_name=adapter.ref)
         model.eval()
@@ -53,7 +56,7 @@ class ChatSession:
         """Greedy answer of the base model (adapter None) or one adapter."""
         template = (adapter or self.adapters[0]).manifest["template"]
         messages = [{"role": "user", "content": prompt}]
-        input_ids = torch.tensor([prompt_token_ids(messages, self.tokenizer, template)])
+        input_ids = torch.tensor([prompt_token_ids(messages, self.tokenizer, template)], device=self.model.device)
         if adapter is None:
             with self.model.disable_adapter():
                 output = self._generate(input_ids, max_new_tokens)

@@ -22,5 +22,8 @@ def init_ray() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    # A bad dataset row should surface as finch's DatasetError ("file:line: field ..."),
+    # not wrapped in Ray Data's generic UserCodeException.
+    context.raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)

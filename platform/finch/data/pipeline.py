@@ -129,19 +129,13 @@ def row_stats(rows: ray.data.Dataset, max_length: int) -> dict[str, Any]:
 
 
 def raise_dataset_errors(action):
-    """Run a Ray Data action, re-raising a DatasetError from inside a task as itself.
-
-    Ray wraps exceptions from tasks; users should see 'file:line: field ...', not a Ray stack.
-    """
+    """Run a Ray Data action; a DatasetError from inside a task is re-raised without Ray's
+    wrapping, so users read 'file:line: field ...' rather than a remote stack trace."""
     try:
         return action()
-    except Exception as err:  # noqa: BLE001 - we only translate our own error type
-        cause: BaseException | None = err
-        while cause is not None:
-            if isinstance(cause, DatasetError):
-                raise DatasetError(str(cause).splitlines()[-1] if "\n" in str(cause) else str(cause)) from None
-            cause = cause.__cause__ or cause.__context__
-        raise
+    except DatasetError as err:
+        # Ray appends retry advice on further lines; finch's messages are one line.
+        raise DatasetError(str(getattr(err, "cause", err)).splitlines()[0]) from None
 
 
 def _read_file(item: dict[str, Any]) -> list[dict[str, str]]:

@@ -109,7 +109,7 @@ def _convert(gguf_dir: Path, out_dir: Path) -> None:
 
 
 def _check(model_dir: Path) -> None:
-    """Fail the conversion, rather than cache a folder, if transformers saved something unexpected."""
+    """Fail rather than cache a folder in which transformers saved something unexpected."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -122,14 +122,19 @@ def _check(model_dir: Path) -> None:
     _require(dtypes == {"BF16"}, f"weights are stored as {sorted(dtypes)}")
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    expected = {"<bos>": config["bos_token_id"], "<eos>": config["eos_token_id"], "<pad>": config["pad_token_id"]}
+    expected = {
+        "<bos>": config["bos_token_id"],
+        "<eos>": config["eos_token_id"],
+        "<pad>": config["pad_token_id"],
+    }
     actual = {
         tokenizer.bos_token: tokenizer.bos_token_id,
         tokenizer.eos_token: tokenizer.eos_token_id,
         tokenizer.pad_token: tokenizer.pad_token_id,
     }
     _require(actual == expected, f"special tokens are {actual}, expected {expected}")
-    _require(tokenizer("Hi").input_ids[0] == tokenizer.bos_token_id, "the tokenizer does not add <bos>")
+    first_id = tokenizer("Hi").input_ids[0]
+    _require(first_id == tokenizer.bos_token_id, "the tokenizer does not add <bos>")
     # The chat turn tokens of this base model are untrained, so a template would only mislead.
     _require(tokenizer.chat_template is None, "the tokenizer has a chat template")
 

