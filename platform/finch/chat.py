@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finch.config import validate_config
+from finch.fingerprint import fingerprint_model_folder
 from finch.data.pipeline import load_tokenizer
 from finch.data.tokenization import prompt_token_ids
 from finch.models.loading import load_base_model, resolve_model_path
@@ -29,6 +30,7 @@ class ChatSession:
     model: Any
     tokenizer: Any
     adapters: list[AdapterEntry]
+    system_prompt: str | None = None
 
     @classmethod
     def from_registry(cls, registry_dir: str | Path, refs: list[str]) -> ChatSession:
@@ -40,22 +42,29 @@ class ChatSession:
             raise RegistryError(f"adapters {', '.join(a.ref for a in adapters)} were trained on different base models")
         config = validate_config(adapters[0].manifest["config"])
         folder = resolve_model_path(config.model.path)
+        if fingerprint_model_folder(folder) not in bases:
+            raise RegistryError(f"base model at {folder} is not the one {adapters[0].ref} was trained on (fingerprint differs)")
         tokenizer = load_tokenizer(folder)
         on_gpu = torch.cuda.is_available()
         # Greedy decoding on CPU runs about 5x faster in float32 than in bfloat16 (measured on
         # Gemma 3 270M); on GPU the training dtype is kept.
-        model_config = config.model if on_gpu else config.model.model_copy(update={"dtype": "float32"})
+        # A registry manifest is data, not a trust decision: never run model code because of it.
+        model_config = config.model.model_copy(update={"trust_remote_code": False})
+        if not on_gpu:
+            model_config = model_config.model_copy(update={"dtype": "float32"})
         base = load_base_model(model_config, folder, use_gpu=on_gpu).to("cuda" if on_gpu else "cpu")
         model = PeftModel.from_pretrained(base, adapters[0].path, adapter_name=adapters[0].ref)
         for adapter in adapters[1:]:
             model.load_adapter(adapter.path, adapter_name=adapter.ref)
         model.eval()
-        return cls(model, tokenizer, adapters)
+        return cls(model, tokenizer, adapters, config.data.system_prompt)
 
     def answer(self, prompt: str, adapter: AdapterEntry | None, max_new_tokens: int = 64) -> str:
         """Greedy answer of the base model (adapter None) or one adapter."""
         template = (adapter or self.adapters[0]).manifest["template"]
-        messages = [{"role": "user", "content": prompt}]
+        # The same system message the adapter saw in training (formats.normalize adds it there).
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages = [*system, {"role": "user", "content": prompt}]
         input_ids = torch.tensor([prompt_token_ids(messages, self.tokenizer, template)], device=self.model.device)
         if adapter is None:
             with self.model.disable_adapter():
@@ -65,6 +74,13 @@ class ChatSession:
             output = self._generate(input_ids, max_new_tokens)
         return self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The tokenizer's EOS plus the model's own stop tokens (e.g. end-of-turn tokens)."""
+        configured = self.model.generation_config.eos_token_id
+        configured = configured if isinstance(configured, list) else [configured]
+        return sorted({self.tokenizer.eos_token_id, *(t for t in configured if t is not None)})
+
     def _generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         with torch.inference_mode():
             return self.model.generate(
@@ -72,7 +88,7 @@ class ChatSession:
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=self.stop_token_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
 

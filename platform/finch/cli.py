@@ -19,7 +19,7 @@ console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config YAML (see jobs/).")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 data.max_length=256.")]
-USER_ERRORS = (ConfigError, DatasetError, RegistryError, FileExistsError, PermissionError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, RegistryError, FileExistsError, PermissionError)
 
 
 def _fail(err: Exception) -> None:

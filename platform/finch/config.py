@@ -14,6 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# Run and adapter names: they become folder names, so no separators, no leading dot.
+NAME_BODY = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+NAME_PATTERN = rf"^{NAME_BODY}$"
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
@@ -99,7 +104,7 @@ class ScaleConfig(Section):
 
 
 class RunConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run and adapter name.")
+    name: str = Field(pattern=NAME_PATTERN, description="Run and adapter name.")
     output_dir: str = Field("runs", description="Run folders (checkpoints, plots) go to output_dir/name.")
     registry_dir: str = Field("registry", description="Adapter registry root.")
     model: ModelConfig
@@ -135,6 +140,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder, not a YAML config file") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
@@ -149,7 +156,8 @@ def validate_config(raw: dict[str, Any], origin: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{origin}: " + "; ".join(_describe(e) for e in err.errors())) from None
+        problems = dict.fromkeys(_describe(e) for e in err.errors())  # ordered, without repeats
+        raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -163,11 +171,17 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {part} is not a section")
     # YAML parsing gives '1e-4' -> float, 'true' -> bool, '[a, b]' -> list, like the file would.
-    node[leaf] = yaml.safe_load(text) if text else ""
+    try:
+        node[leaf] = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}: cannot parse value {text!r} (YAML syntax)") from None
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    # Drop pydantic's union-branch tags such as 'list[str]' or "literal['all-linear']" from the key.
+    key = ".".join(str(part) for part in error["loc"] if "[" not in str(part))
+    if not key:  # a check across fields: its message names the keys itself
+        return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(error["loc"][:-1])
         hint = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)

@@ -70,3 +70,20 @@ def test_eval_files_and_fraction_are_exclusive(tmp_path):
 def test_every_shipped_config_validates(path):
     if path.parent.name == "quickstart" or "train_files" in path.read_text():
         load_config(path)
+
+
+def test_unparseable_override_and_cross_field_errors_read_cleanly(tmp_path):
+    with pytest.raises(ConfigError, match=r"override train.lr: cannot parse value '\[1'"):
+        load_config(write(tmp_path, MINIMAL), ["train.lr=[1"])
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL), ["data.eval_files=[b.jsonl]", "data.eval_fraction=0.1"])
+    assert "got" not in str(err.value) and "(top level)" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL), ["lora.target_modules=7"])
+    assert str(err.value).count("lora.target_modules:") == 2 and "list[" not in str(err.value)
+
+
+def test_bad_run_names_are_refused(tmp_path):
+    for name in ("../up", "a/b", ".hidden", "x" * 65, "trailing\n"):
+        with pytest.raises(ConfigError, match="name"):
+            load_config(write(tmp_path, {**MINIMAL, "name": name}))

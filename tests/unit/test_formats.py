@@ -48,6 +48,11 @@ def test_raw_text_and_system_prompt():
         ({"conversations": [{"from": "human", "value": None}]}, "auto", "conversations[0].value"),
         ({"foo": 1}, "auto", "cannot tell the row format"),
         ({"text": "x"}, "alpaca", "missing field 'instruction'"),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]},
+            "auto",
+            "a system message may only come first",
+        ),
     ],
 )
 def test_bad_rows_name_source_and_field(record, fmt, field):

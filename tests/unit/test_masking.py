@@ -1,7 +1,7 @@
 """Exact label positions: only answer tokens (and the EOS/end-of-turn that ends them) carry loss."""
 
-from finch.data.templates import ALPACA_PREAMBLE, render_sample
-from finch.data.tokenization import IGNORE_INDEX, prompt_token_ids, tokenize_segments
+from finch.data.templates import ALPACA_PREAMBLE
+from finch.data.tokenization import IGNORE_INDEX, prompt_token_ids, tokenize_sample
 
 QA = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
 
@@ -11,7 +11,7 @@ def ids(tokenizer, text):
 
 
 def test_alpaca_template_labels_only_the_answer_and_eos(tokenizer):
-    example = tokenize_segments(render_sample({"messages": QA}, "alpaca", tokenizer), tokenizer, 512, "alpaca")
+    example = tokenize_sample({"messages": QA}, "alpaca", tokenizer, 512)
     prompt = ids(tokenizer, ALPACA_PREAMBLE + "### Instruction:\nWhat is 2+2?\n\n### Response:\n")
     answer = ids(tokenizer, "It is 4.") + [tokenizer.eos_token_id]
     assert example.input_ids == prompt + answer
@@ -26,7 +26,7 @@ def test_chat_template_labels_every_assistant_turn_with_its_end_token(tokenizer)
         {"role": "user", "content": "And 3+3?"},
         {"role": "assistant", "content": "6."},
     ]
-    example = tokenize_segments(render_sample({"messages": messages}, "chat", tokenizer), tokenizer, 512, "chat")
+    example = tokenize_sample({"messages": messages}, "chat", tokenizer, 512)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     assert tokenizer.decode(example.input_ids) == full
     trained = [tok for tok, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
@@ -36,13 +36,13 @@ def test_chat_template_labels_every_assistant_turn_with_its_end_token(tokenizer)
 
 
 def test_raw_text_trains_on_every_token_plus_eos(tokenizer):
-    example = tokenize_segments(render_sample({"text": "to be or not"}, "chat", tokenizer), tokenizer, 512, "chat")
+    example = tokenize_sample({"text": "to be or not"}, "chat", tokenizer, 512)
     assert example.labels == example.input_ids == ids(tokenizer, "to be or not") + [tokenizer.eos_token_id]
 
 
 def test_truncation_keeps_the_head_and_flags_it(tokenizer):
-    full = tokenize_segments(render_sample({"messages": QA}, "alpaca", tokenizer), tokenizer, 10_000, "alpaca")
-    cut = tokenize_segments(render_sample({"messages": QA}, "alpaca", tokenizer), tokenizer, 12, "alpaca")
+    full = tokenize_sample({"messages": QA}, "alpaca", tokenizer, 10_000)
+    cut = tokenize_sample({"messages": QA}, "alpaca", tokenizer, 12)
     assert cut.truncated and len(cut.input_ids) == 12
     assert cut.input_ids == full.input_ids[:12] and cut.labels == full.labels[:12]
 
@@ -50,19 +50,31 @@ def test_truncation_keeps_the_head_and_flags_it(tokenizer):
 def test_inference_prompt_is_the_training_prefix(tokenizer):
     """Chat and serving must prompt with exactly the tokens that preceded the answer in training."""
     for template in ("alpaca", "chat"):
-        example = tokenize_segments(render_sample({"messages": QA}, template, tokenizer), tokenizer, 512, template)
+        example = tokenize_sample({"messages": QA}, template, tokenizer, 512)
         prompt = prompt_token_ids(QA[:1], tokenizer, template)
         first_answer = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
         assert example.input_ids[:first_answer] == prompt, template
 
 
-def test_plain_template_prepends_bos_when_the_tokenizer_does(tokenizer):
+def bos_adding(tokenizer):
+    """The fixture tokenizer, made to prepend BOS on encode like Gemma's and Llama's do."""
     from tokenizers.processors import TemplateProcessing
 
     tokenizer.bos_token = "<|endoftext|>"
     tokenizer._tokenizer.post_processor = TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)]
     )
-    example = tokenize_segments(render_sample({"messages": QA}, "alpaca", tokenizer), tokenizer, 512, "alpaca")
-    assert example.input_ids[0] == tokenizer.bos_token_id and example.labels[0] == IGNORE_INDEX
-    assert example.input_ids.count(tokenizer.bos_token_id) == 1
+    return tokenizer
+
+
+def test_bos_is_added_once_where_the_tokenizer_adds_it(tokenizer):
+    tokenizer = bos_adding(tokenizer)
+    bos = tokenizer.bos_token_id
+    for sample, template in [({"messages": QA}, "alpaca"), ({"messages": QA}, "chat"), ({"text": "hi there"}, "chat")]:
+        example = tokenize_sample(sample, template, tokenizer, 512)
+        assert example.input_ids[0] == bos and example.labels[0] == IGNORE_INDEX, (sample, template)
+        assert example.input_ids.count(bos) == 1
+    # a chat template that writes BOS itself gets no second one
+    tokenizer.chat_template = "<|endoftext|>" + tokenizer.chat_template
+    example = tokenize_sample({"messages": QA}, "chat", tokenizer, 512)
+    assert example.input_ids.count(bos) == 1 and example.input_ids[0] == bos

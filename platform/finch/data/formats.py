@@ -131,6 +131,8 @@ def _check_conversation(messages: list[dict[str, str]], source: str) -> None:
     for index, message in enumerate(messages):
         if message["role"] == "assistant" and not message["content"].strip():
             raise DatasetError(f"{source}: assistant turn {index} is empty")
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise DatasetError(f"{source}: a system message may only come first in a conversation")
     if messages[0]["role"] == "assistant":
         raise DatasetError(f"{source}: conversation starts with an assistant turn; it needs a prompt first")
 

@@ -20,8 +20,8 @@ from finch.config import DataConfig
 from finch.data.formats import normalize
 from finch.data.packing import pack_examples
 from finch.data.readers import DatasetError, check_readable, iter_records
-from finch.data.templates import render_sample, resolve_template
-from finch.data.tokenization import IGNORE_INDEX, tokenize_segments
+from finch.data.templates import resolve_template
+from finch.data.tokenization import IGNORE_INDEX, tokenize_sample
 
 PACK_GROUP_EXAMPLES = 2048  # examples packed together; larger groups fill rows better
 
@@ -149,7 +149,7 @@ def _tokenize_batch(batch: pd.DataFrame, data: DataConfig, tokenizer_path: str, 
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "trainable": []}
     for source, record in zip(batch["source"], batch["record"]):
         sample = normalize(json.loads(record), data.format, source, data.system_prompt)
-        example = tokenize_segments(render_sample(sample, template, tokenizer), tokenizer, data.max_length, template)
+        example = tokenize_sample(sample, template, tokenizer, data.max_length)
         out["input_ids"].append(example.input_ids)
         out["labels"].append(example.labels)
         out["length"].append(len(example.input_ids))

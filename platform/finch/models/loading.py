@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from finch.config import LoraConfig, ModelConfig
+from finch.config import ConfigError, LoraConfig, ModelConfig
 
 # Only these files are fetched from the hub: safetensors weights, never pickled .bin files.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*", "*.txt"]
@@ -19,15 +19,20 @@ def resolve_model_path(path: str) -> str:
         from finch.models.gemma_gguf import GEMMA3_270M_URI, ensure_gemma3_270m
 
         if path != GEMMA3_270M_URI:
-            raise ValueError(f"model.path {path!r}: the only packaged model is {GEMMA3_270M_URI}")
+            raise ConfigError(f"model.path {path!r}: the only packaged model is {GEMMA3_270M_URI}")
         return str(ensure_gemma3_270m())
     if Path(path).is_dir():
         return str(Path(path).resolve())
-    if Path(path).exists() or path.startswith((".", "/")):
-        raise ValueError(f"model.path {path!r} is not a model folder")
+    # A hub id is exactly "org/name"; anything else that is not a folder here is a typo'd path.
+    if Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ConfigError(f"model.path {path!r} is not a model folder (nor a hub id like org/name)")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return snapshot_download(path, allow_patterns=HUB_ALLOW_PATTERNS)
+    try:
+        return snapshot_download(path, allow_patterns=HUB_ALLOW_PATTERNS)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
+        raise ConfigError(f"model.path {path!r} is no local folder and could not be fetched from the hub: {err}") from None
 
 
 def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:

@@ -6,6 +6,7 @@ serving) never sees a half-written adapter, and two writers never get the same v
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -15,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finch.config import NAME_BODY
+
 MANIFEST = "finch_manifest.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-REF_PATTERN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})(?:@v?(?P<version>\d+))?$")
+# Matched with fullmatch: a trailing newline or any path separator never gets through.
+NAME_PATTERN = re.compile(NAME_BODY)
+REF_PATTERN = re.compile(rf"(?P<name>{NAME_BODY})(?:@v?(?P<version>\d+))?")
 
 
 class RegistryError(ValueError):
@@ -39,7 +43,7 @@ class AdapterEntry:
 
 def publish_adapter(registry_dir: str | Path, name: str, files: dict[str, Path], manifest: dict[str, Any]) -> AdapterEntry:
     """Copy `files` (target name -> source path) plus the manifest into the next version folder."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise RegistryError(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
     missing = [f for f in ADAPTER_FILES if f not in files]
     if missing:
@@ -58,7 +62,9 @@ def publish_adapter(registry_dir: str | Path, name: str, files: dict[str, Path],
             try:
                 os.rename(staging, root / f"v{version}")  # atomic; fails if a writer took this version
                 break
-            except OSError:
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
                 version += 1
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -68,7 +74,7 @@ def publish_adapter(registry_dir: str | Path, name: str, files: dict[str, Path],
 
 def resolve_adapter(registry_dir: str | Path, ref: str) -> AdapterEntry:
     """`name` (latest version), `name@v3` or `name@3` -> the registry entry."""
-    match = REF_PATTERN.match(ref)
+    match = REF_PATTERN.fullmatch(ref)
     if not match:
         raise RegistryError(f"adapter reference {ref!r} must look like name or name@vN")
     root = Path(registry_dir).resolve() / match["name"]
@@ -84,7 +90,7 @@ def resolve_adapter(registry_dir: str | Path, ref: str) -> AdapterEntry:
 
 def list_adapters(registry_dir: str | Path) -> list[AdapterEntry]:
     root = Path(registry_dir)
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)) if root.exists() else []
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)) if root.exists() else []
     return [resolve_adapter(root, f"{name}@v{v}") for name in names for v in _versions(root / name)]
 
 

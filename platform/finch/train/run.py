@@ -17,7 +17,7 @@ from finch.models.loading import resolve_model_path
 from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish_adapter
 from finch.runtime import init_ray
 from finch.train.plots import plot_loss
-from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, train_loop_per_worker
+from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, last_values, train_loop_per_worker
 
 console = Console()
 
@@ -56,6 +56,7 @@ def prepare_run_dir(config: RunConfig, overwrite: bool) -> Path:
 
 
 def fit(config: RunConfig, model_path: str, data: PreparedData):
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -77,8 +78,11 @@ def fit(config: RunConfig, model_path: str, data: PreparedData):
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets=datasets,
-        # Each worker receives all rows; HF Trainer's DistributedSampler shards them per epoch.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # Each worker receives all rows, in the same order (HF Trainer's DistributedSampler shards
+        # them by index, so ranks must agree on what index i is).
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None or not result.checkpoint.path.endswith(FINAL_CHECKPOINT):
@@ -97,9 +101,7 @@ def register(config: RunConfig, model_path: str, data: PreparedData, checkpoint,
 
 
 def manifest(config: RunConfig, model_path: str, data: PreparedData, log_history: list[dict]) -> dict:
-    metrics: dict[str, float] = {}
-    for entry in log_history:
-        metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+    metrics = last_values(log_history)
     stats = {k: v for k, v in data.stats.items() if k != "lengths"}
     return {
         "base_model": {"id": config.model.path, "fingerprint": fingerprint_model_folder(model_path)},
@@ -122,7 +124,8 @@ def print_data_stats(data: PreparedData) -> None:
     stats = data.stats
     efficiency = stats.get("packing_efficiency")
     console.print(
-        f"finch: data {stats['examples']} examples, {stats['tokens']} tokens "
+        f"finch: data {stats['examples']} examples ({stats['dropped_no_answer']} dropped, "
+        f"{stats.get('eval_examples', 0)} held out for eval), {stats['tokens']} tokens "
         f"(mean {stats['length_mean']:.0f}, max {stats['length_max']}), {stats['truncated']} truncated, "
         f"{stats['rows']} rows" + (f", packing efficiency {efficiency:.3f}" if efficiency else "")
         + f", template {data.template}"

@@ -2,7 +2,7 @@
 
 It uses the HF `Trainer`: rows arrive already tokenized, masked and packed by Ray Data, so
 TRL's SFTTrainer would only redo that work; HF Trainer brings DDP, accumulation, schedulers,
-clipping and checkpoint/resume that users know.
+clipping and the checkpoint format (model, optimizer, scheduler, RNG, step) that users know.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     config = validate_config(payload["config"])
     # Ray Train logs every report at INFO through the root logger; finch prints its own line.
     logging.getLogger().setLevel(logging.WARNING)
-    torch.set_num_threads(config.scale.torch_threads or max(1, (os.cpu_count() or 1) // config.scale.num_workers))
+    torch.set_num_threads(torch_threads(config))
     tokenizer = load_tokenizer(payload["model_path"], config.model.trust_remote_code)
     train_rows = Rows(ray.train.get_dataset_shard("train"))
     eval_rows = Rows(ray.train.get_dataset_shard("eval")) if config.has_eval else None
@@ -89,6 +89,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         trainer.remove_callback(PrinterCallback)  # RayReportCallback prints a compact line instead
         trainer.train()
         report_final(trainer)
+
+
+def torch_threads(config: RunConfig) -> int:
+    """Threads per worker: as configured, else the CPUs Ray reserved for it if set, else an even
+    share of the machine (Ray reserves 1 CPU by default, which would leave cores idle)."""
+    scale = config.scale
+    if scale.torch_threads:
+        return scale.torch_threads
+    if scale.cpus_per_worker:
+        return max(1, int(scale.cpus_per_worker))
+    return max(1, (os.cpu_count() or 1) // scale.num_workers)
 
 
 def training_arguments(config: RunConfig, output_dir: str) -> TrainingArguments:
@@ -126,7 +137,7 @@ def training_arguments(config: RunConfig, output_dir: str) -> TrainingArguments:
 
 def report_final(trainer: Trainer) -> None:
     """Rank 0 hands the trained adapter and the log history to the driver as the last checkpoint."""
-    metrics = {"step": trainer.state.global_step, **_last_values(trainer.state.log_history)}
+    metrics = {"step": trainer.state.global_step, **last_values(trainer.state.log_history)}
     if not trainer.is_world_process_zero():
         ray.train.report(metrics=metrics, checkpoint_dir_name=FINAL_CHECKPOINT)
         return
@@ -138,7 +149,8 @@ def report_final(trainer: Trainer) -> None:
         )
 
 
-def _last_values(log_history: list[dict[str, Any]]) -> dict[str, float]:
+def last_values(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The latest value of every numeric metric in an HF Trainer log history."""
     merged: dict[str, float] = {}
     for entry in log_history:
         merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
