@@ -47,13 +47,14 @@ def train(
     config_path: ConfigArg,
     overrides: OverridesArg = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run of this name from its last checkpoint.")] = False,
 ) -> None:
     """Fine-tune with LoRA on Ray Train and register the adapter."""
     try:
         config = load_config(config_path, overrides)
         from finch.train.run import train as run_training
 
-        run_training(config, overwrite=overwrite)
+        run_training(config, overwrite=overwrite, resume=resume)
     except USER_ERRORS as err:
         _fail(err)
 

@@ -98,6 +98,9 @@ class ScaleConfig(Section):
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs Ray reserves per worker (default: 1); torch threads follow torch_threads."
     )
+    max_failures: int = Field(
+        3, ge=-1, description="Worker-group restarts from the last checkpoint after a failure (-1: unlimited)."
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per worker (default: machine cores / workers)."
     )

@@ -26,8 +26,8 @@ class RunExistsError(FileExistsError):
     pass
 
 
-def train(config: RunConfig, overwrite: bool = False) -> AdapterEntry:
-    run_dir = prepare_run_dir(config, overwrite)
+def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> AdapterEntry:
+    run_dir = prepare_run_dir(config, overwrite, resume)
     model_path = resolve_model_path(config.model.path)
     init_ray()
     data = prepare_datasets(config.data, model_path)
@@ -36,12 +36,25 @@ def train(config: RunConfig, overwrite: bool = False) -> AdapterEntry:
     return register(config, model_path, data, final_checkpoint, run_dir)
 
 
-def prepare_run_dir(config: RunConfig, overwrite: bool) -> Path:
-    """Fail before any work on a taken run name or an unwritable output/registry folder."""
+def prepare_run_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
+    """Fail before any work on a taken run name, a run that cannot be resumed, or an unwritable
+    output/registry folder."""
     run_dir = config.run_dir
-    if run_dir.exists():
+    if overwrite and resume:
+        raise RunExistsError("--overwrite and --resume exclude each other")
+    if resume:
+        if not any(run_dir.glob("checkpoint-*")):
+            raise RunExistsError(f"nothing to resume: {run_dir} holds no checkpoint")
+        if (run_dir / FINAL_CHECKPOINT).exists():
+            raise RunExistsError(f"run {config.name} already finished; its adapter is in {config.registry_dir}/{config.name}")
+        saved = json.loads((run_dir / "config.json").read_text())
+        current = dump_config(config)
+        changed = [section for section in ("model", "data", "lora") if saved.get(section) != current[section]]
+        if changed:
+            raise RunExistsError(f"cannot resume {config.name}: its {', '.join(changed)} config differs from the interrupted run")
+    elif run_dir.exists():
         if not overwrite:
-            raise RunExistsError(f"run folder {run_dir} exists; pick another name or pass --overwrite")
+            raise RunExistsError(f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to start over")
         shutil.rmtree(run_dir)
     for folder in (run_dir, Path(config.registry_dir)):
         try:
@@ -73,6 +86,8 @@ def fit(config: RunConfig, model_path: str, data: PreparedData):
             name=config.name,
             storage_path=str(config.run_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            # A failed worker restarts the group from the last checkpoint (see worker.restore_latest_checkpoint).
+            failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             # Without this Ray Train echoes every print of a worker twice (its logger and stdout).
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},

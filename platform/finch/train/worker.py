@@ -87,8 +87,24 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             callbacks=[RayReportCallback()],
         )
         trainer.remove_callback(PrinterCallback)  # RayReportCallback prints a compact line instead
-        trainer.train()
+        trainer.train(resume_from_checkpoint=restore_latest_checkpoint(scratch))
         report_final(trainer)
+
+
+def restore_latest_checkpoint(scratch: str) -> str | None:
+    """The checkpoint to resume from, copied into the HF scratch folder, or None for a new run.
+
+    Ray hands back the last reported checkpoint after a worker failure (FailureConfig) and when
+    a run is started again under the same name (`finch train --resume`). HF Trainer then
+    restores adapter weights, optimizer, scheduler, RNG state and the step, and skips the
+    batches the checkpoint had already consumed, so no step is trained or counted twice.
+    """
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    folder = Path(scratch) / Path(checkpoint.path).name
+    checkpoint.to_directory(str(folder))
+    return str(folder)
 
 
 def torch_threads(config: RunConfig) -> int:

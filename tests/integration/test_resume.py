@@ -1,0 +1,91 @@
+"""Fault tolerance: a killed training worker resumes from the last checkpoint, and an interrupted
+run continues with `resume=True`; either way every optimizer step happens exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from finch.config import validate_config
+from finch.train.run import RunExistsError, train
+from tests.conftest import run_config_dict, shared_file
+
+pytestmark = pytest.mark.integration
+STEPS = 12
+
+
+def gsm8k_config(tmp_path: Path, model_dir: Path, **scale):
+    return validate_config(
+        run_config_dict(
+            tmp_path,
+            model_dir,
+            [str(shared_file("sft/gsm8k_chat_train.jsonl"))],
+            name="resumable",
+            train={"max_steps": STEPS, "save_steps": 4, "batch_size": 2},
+            scale=scale,
+        )
+    )
+
+
+def kill_worker_once_checkpoint_exists(run_dir: Path, checkpoint: str) -> tuple[threading.Thread, list[int]]:
+    """SIGKILL the training worker process as soon as `checkpoint` is persisted; returns the
+    thread and the list it fills with the killed pids."""
+    from ray.util.state import list_actors
+
+    def killer():
+        deadline = time.monotonic() + 300
+        while not (run_dir / checkpoint).exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        for worker in workers:
+            os.kill(worker["pid"], signal.SIGKILL)
+            killed.append(worker["pid"])
+
+    killed: list[int] = []
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+def trained_steps(run_dir: Path) -> list[int]:
+    history = json.loads((run_dir / "final" / "log_history.json").read_text())
+    return [entry["step"] for entry in history if "loss" in entry]
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_local, tiny_model_dir, tmp_path):
+    config = gsm8k_config(tmp_path, tiny_model_dir, max_failures=2)
+    killer, killed = kill_worker_once_checkpoint_exists(config.run_dir, "checkpoint-4")
+    entry = train(config)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed: the test did not exercise a restart"
+    assert trained_steps(config.run_dir) == list(range(1, STEPS + 1))
+    assert entry.manifest["metrics"]["step"] == STEPS
+
+
+def test_interrupted_run_continues_with_resume(ray_local, tiny_model_dir, tmp_path):
+    config = gsm8k_config(tmp_path, tiny_model_dir, max_failures=0)
+    killer, killed = kill_worker_once_checkpoint_exists(config.run_dir, "checkpoint-8")
+    with pytest.raises(Exception, match="(?i)fail"):
+        train(config)
+    killer.join(timeout=5)
+    assert killed
+    assert not (config.run_dir / "final").exists()
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(config)
+    changed = validate_config({**config.model_dump(mode="json"), "data": {**config.data.model_dump(), "max_length": 64}})
+    with pytest.raises(RunExistsError, match="data config differs"):
+        train(changed, resume=True)
+
+    entry = train(config, resume=True)
+    assert trained_steps(config.run_dir) == list(range(1, STEPS + 1))
+    assert entry.version == 1
+    with pytest.raises(RunExistsError, match="already finished"):
+        train(config, resume=True)
