@@ -43,15 +43,7 @@ def prepare_run_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
     if overwrite and resume:
         raise RunExistsError("--overwrite and --resume exclude each other")
     if resume:
-        if not any(run_dir.glob("checkpoint-*")):
-            raise RunExistsError(f"nothing to resume: {run_dir} holds no checkpoint")
-        if (run_dir / FINAL_CHECKPOINT).exists():
-            raise RunExistsError(f"run {config.name} already finished; its adapter is in {config.registry_dir}/{config.name}")
-        saved = json.loads((run_dir / "config.json").read_text())
-        current = dump_config(config)
-        changed = [section for section in ("model", "data", "lora") if saved.get(section) != current[section]]
-        if changed:
-            raise RunExistsError(f"cannot resume {config.name}: its {', '.join(changed)} config differs from the interrupted run")
+        check_resumable(config)
     elif run_dir.exists():
         if not overwrite:
             raise RunExistsError(f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to start over")
@@ -66,6 +58,21 @@ def prepare_run_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
             raise PermissionError(f"cannot write to {folder}: {err.strerror}") from None
     (run_dir / "config.json").write_text(json.dumps(dump_config(config), indent=2))
     return run_dir
+
+
+def check_resumable(config: RunConfig) -> None:
+    """Resuming needs checkpoints, an unfinished run, and the same model, data and LoRA setup
+    (a checkpoint's data position means nothing for other rows)."""
+    run_dir = config.run_dir
+    if not any(run_dir.glob("checkpoint-*")):
+        raise RunExistsError(f"nothing to resume: {run_dir} holds no checkpoint")
+    if (run_dir / FINAL_CHECKPOINT).exists():
+        raise RunExistsError(f"run {config.name} already finished; its adapter is in {config.registry_dir}/{config.name}")
+    saved = json.loads((run_dir / "config.json").read_text())
+    current = dump_config(config)
+    changed = [section for section in ("model", "data", "lora") if saved.get(section) != current[section]]
+    if changed:
+        raise RunExistsError(f"cannot resume {config.name}: its {', '.join(changed)} config differs from the interrupted run")
 
 
 def fit(config: RunConfig, model_path: str, data: PreparedData):
