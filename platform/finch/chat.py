@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from finch.config import validate_config
-from finch.fingerprint import fingerprint_model_folder
 from finch.data.pipeline import load_tokenizer
 from finch.data.tokenization import prompt_token_ids
+from finch.fingerprint import fingerprint_model_folder
 from finch.models.loading import load_base_model, resolve_model_path
 from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
 
