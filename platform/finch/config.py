@@ -72,8 +72,18 @@ class LoraConfig(Section):
     )
 
 
+class QLoraConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul."
+    )
+
+
 class TrainConfig(Section):
-    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    method: Literal["lora", "qlora"] = Field(
+        "lora", description="'lora': adapters on the base in model.dtype; 'qlora': adapters on a 4-bit (bitsandbytes) base."
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -113,6 +123,7 @@ class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QLoraConfig = Field(default_factory=QLoraConfig, description="Quantization, used when train.method is qlora.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from finch.config import ConfigError, LoraConfig, ModelConfig
+from finch.config import ConfigError, LoraConfig, ModelConfig, QLoraConfig, RunConfig
 
 # Only these files are fetched from the hub: safetensors weights, never pickled .bin files.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*", "*.txt"]
@@ -43,18 +43,59 @@ def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_base_model(model_config: ModelConfig, folder: str, use_gpu: bool = False) -> Any:
-    from transformers import AutoModelForCausalLM
+def load_base_model(
+    model_config: ModelConfig, folder: str, use_gpu: bool = False, quantization: QLoraConfig | None = None
+) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    extra = {}
+    if quantization is not None:
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization.quant_type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+        )
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=torch_dtype(model_config.dtype, use_gpu),
         trust_remote_code=model_config.trust_remote_code,
         use_safetensors=True,
+        **extra,
     )
     # A KV cache during training would also disable the packed-sequence attention mask.
     model.config.use_cache = False
     return model
+
+
+def load_trainable_model(config: RunConfig, folder: str) -> Any:
+    """The model a training worker fits: the base (4-bit for QLoRA) with LoRA attached, in train mode."""
+    quantization = config.qlora if config.train.method == "qlora" else None
+    model = load_base_model(config.model, folder, config.scale.use_gpu, quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.train.gradient_checkpointing
+        )
+        keep_cpu_4bit_weights_trainable(model)
+    model = apply_lora(model, config.lora)
+    model.train()
+    return model
+
+
+def keep_cpu_4bit_weights_trainable(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, the first eval-mode no-grad forward of a Linear4bit (an HF Trainer
+    evaluation, say) repacks its weight into an inference layout for good; backward passes
+    after that give wrong or missing LoRA gradients (DESIGN.md, tested in test_qlora.py).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_lora(model: Any, lora: LoraConfig) -> Any:

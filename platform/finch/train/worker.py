@@ -21,7 +21,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from finch.config import RunConfig, validate_config
 from finch.data.pipeline import load_tokenizer
-from finch.models.loading import apply_lora, load_base_model
+from finch.models.loading import load_trainable_model
 from finch.train.collate import RowCollator
 
 FINAL_CHECKPOINT = "final"
@@ -74,8 +74,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     train_rows = Rows(ray.train.get_dataset_shard("train"))
     eval_rows = Rows(ray.train.get_dataset_shard("eval")) if config.has_eval else None
 
-    model = load_base_model(config.model, payload["model_path"], config.scale.use_gpu)
-    model = apply_lora(model, config.lora)
+    model = load_trainable_model(config, payload["model_path"])
     # HF checkpoints are scratch: each one is copied into Ray's storage as it is saved.
     with tempfile.TemporaryDirectory(prefix="finch-hf-") as scratch:
         trainer = Trainer(
