@@ -1,12 +1,14 @@
 """`finch chat`: the base model and registry adapters answer the same prompt, side by side.
 
 Offline generation with transformers + PEFT: one base model in memory, every adapter loaded
-onto it, switched per answer. Prompts render through the same template as training.
+onto it, switched per answer; fully fine-tuned models (registry kind "model") load on their
+own. Prompts render through the same template as training.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,11 @@ console = Console()
 
 @dataclass
 class ChatSession:
-    model: Any
+    model: Any  # the base model, with every LoRA adapter loaded when there are any
     tokenizer: Any
     adapters: list[AdapterEntry]
     system_prompt: str | None = None
+    full_models: dict[str, Any] = field(default_factory=dict)  # registry ref -> fully fine-tuned model
 
     @classmethod
     def from_registry(cls, registry_dir: str | Path, refs: list[str]) -> ChatSession:
@@ -49,12 +52,20 @@ class ChatSession:
         # A registry manifest is data, not a trust decision: never run model code because of it.
         # The training dtype is kept: bf16 also decodes faster than fp32 on CPU (bench/cpu_dtype.py).
         model_config = config.model.model_copy(update={"trust_remote_code": False})
-        base = load_base_model(model_config, folder, use_gpu=on_gpu).to("cuda" if on_gpu else "cpu")
-        model = PeftModel.from_pretrained(base, adapters[0].path, adapter_name=adapters[0].ref)
-        for adapter in adapters[1:]:
-            model.load_adapter(adapter.path, adapter_name=adapter.ref)
+        device = "cuda" if on_gpu else "cpu"
+        model = load_base_model(model_config, folder, use_gpu=on_gpu).to(device)
+        lora = [a for a in adapters if a.kind == "adapter"]
+        if lora:
+            model = PeftModel.from_pretrained(model, lora[0].path, adapter_name=lora[0].ref)
+            for adapter in lora[1:]:
+                model.load_adapter(adapter.path, adapter_name=adapter.ref)
+        full_models = {
+            a.ref: load_base_model(model_config, str(a.path), use_gpu=on_gpu).to(device).eval()
+            for a in adapters
+            if a.kind == "model"
+        }
         model.eval()
-        return cls(model, tokenizer, adapters, config.data.system_prompt)
+        return cls(model, tokenizer, adapters, config.data.system_prompt, full_models)
 
     def answer(self, prompt: str, adapter: AdapterEntry | None, max_new_tokens: int = 64) -> str:
         """Greedy answer of the base model (adapter None) or one adapter."""
@@ -63,12 +74,16 @@ class ChatSession:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages = [*system, {"role": "user", "content": prompt}]
         input_ids = torch.tensor([prompt_token_ids(messages, self.tokenizer, template)], device=self.model.device)
-        if adapter is None:
-            with self.model.disable_adapter():
-                output = self._generate(input_ids, max_new_tokens)
+        if adapter is not None and adapter.kind == "model":
+            output = self._generate(self.full_models[adapter.ref], input_ids, max_new_tokens)
+        elif adapter is None:
+            with contextlib.ExitStack() as stack:
+                if hasattr(self.model, "disable_adapter"):
+                    stack.enter_context(self.model.disable_adapter())
+                output = self._generate(self.model, input_ids, max_new_tokens)
         else:
             self.model.set_adapter(adapter.ref)
-            output = self._generate(input_ids, max_new_tokens)
+            output = self._generate(self.model, input_ids, max_new_tokens)
         return self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
     @property
@@ -78,9 +93,9 @@ class ChatSession:
         configured = configured if isinstance(configured, list) else [configured]
         return sorted({self.tokenizer.eos_token_id, *(t for t in configured if t is not None)})
 
-    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def _generate(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model.generate(
+            return model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,

@@ -44,17 +44,28 @@ def data_inspect(
 
 @app.command()
 def train(
-    config_path: ConfigArg,
+    config_path: Annotated[
+        str | None, typer.Argument(help="Run config YAML (see jobs/); with --resume, only overrides follow.")
+    ] = None,
     overrides: OverridesArg = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue the run of this name from its last checkpoint.")] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run folder (e.g. runs/NAME) from its last checkpoint.")
+    ] = None,
 ) -> None:
-    """Fine-tune with LoRA on Ray Train and register the adapter."""
+    """Fine-tune (full, LoRA, QLoRA; SFT, pre-training, DPO) on Ray Train and register the result."""
     try:
-        config = load_config(config_path, overrides)
+        from finch.train.run import load_run_config
         from finch.train.run import train as run_training
 
-        run_training(config, overwrite=overwrite, resume=resume)
+        if resume is not None:
+            # The run folder holds the config; anything before the overrides is one of them.
+            config = load_run_config(resume, ([config_path] if config_path else []) + (overrides or []))
+        elif config_path is None:
+            raise ConfigError("finch train needs a config file (or --resume RUN_FOLDER)")
+        else:
+            config = load_config(config_path, overrides)
+        run_training(config, overwrite=overwrite, resume=resume is not None)
     except USER_ERRORS as err:
         _fail(err)
 

@@ -38,6 +38,9 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint. Off: only enable for repos you trust."
     )
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Override the model's own dropout rates (attention/hidden); None keeps them."
+    )
 
 
 class DataConfig(Section):
@@ -48,8 +51,20 @@ class DataConfig(Section):
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this fraction of training examples for eval (when no eval_files)."
     )
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = Field(
-        "auto", description="Row format; 'auto' detects it per row from the keys."
+    format: Literal[
+        "auto",
+        "alpaca",
+        "messages",
+        "sharegpt",
+        "prompt_completion",
+        "text",
+        "openai_dpo",
+        "sharegpt_preference",
+        "prompt_chosen_rejected",
+    ] = Field(
+        "auto",
+        description="Row format; 'auto' detects it per row from the keys. The last three are preference pairs "
+        "(train.objective dpo).",
     )
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto",
@@ -58,7 +73,9 @@ class DataConfig(Section):
     )
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
     max_length: int = Field(512, ge=8, description="Tokens per example (longer ones are truncated) and per packed row.")
-    packing: bool = Field(True, description="Pack examples into full rows; attention never crosses examples.")
+    packing: bool = Field(
+        True, description="Pack examples into full rows; attention never crosses examples. DPO pairs are never packed."
+    )
     seed: int = Field(0, description="Seed of the eval holdout split.")
 
 
@@ -70,6 +87,7 @@ class LoraConfig(Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names to adapt, or 'all-linear'.",
     )
+    use_dora: bool = Field(False, description="DoRA: also learn a per-column magnitude (weight-decomposed LoRA).")
 
 
 class QLoraConfig(Section):
@@ -80,9 +98,26 @@ class QLoraConfig(Section):
     )
 
 
+class DpoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (DPO's beta).")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = (
+        Field("sigmoid", description="TRL DPO loss: 'sigmoid' is the DPO paper's loss; 'ipo', 'hinge', ... variants.")
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (robust/cDPO losses)."
+    )
+
+
 class TrainConfig(Section):
-    method: Literal["lora", "qlora"] = Field(
-        "lora", description="'lora': adapters on the base in model.dtype; 'qlora': adapters on a 4-bit (bitsandbytes) base."
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora",
+        description="'full': every weight trains; 'lora': adapters on the base in model.dtype; "
+        "'qlora': adapters on a 4-bit (bitsandbytes) base.",
+    )
+    objective: Literal["sft", "pretrain", "dpo"] = Field(
+        "sft",
+        description="'sft': loss on answer tokens; 'pretrain': raw text, loss on every token; "
+        "'dpo': preference pairs (see the dpo section).",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
@@ -100,6 +135,21 @@ class TrainConfig(Section):
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: once per epoch).")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: once per epoch).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        description="Autocast matmuls to bf16/fp16 over the weights' dtype (set model.dtype float32 for fp32 master "
+        "weights). 'no' (default) computes in model.dtype, the fast and safe choice on CPU; fp16 needs GPUs.",
+    )
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise of this scale on input embeddings while training (e.g. 5)."
+    )
+    layer_lr_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise lr decay: the top layer trains at lr, each layer below at this factor times the "
+        "one above, embeddings lowest.",
+    )
 
 
 class ScaleConfig(Section):
@@ -114,6 +164,19 @@ class ScaleConfig(Section):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per worker (default: machine cores / workers)."
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="'ddp': every worker holds the whole model; 'fsdp': weights, gradients and optimizer state "
+        "are sharded across workers (full fine-tuning of models too big for one device).",
+    )
+
+
+class TrackingConfig(Section):
+    mlflow: bool = Field(True, description="Log params, metrics and the loss plot to MLflow.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (a server URL or file:/path); default: a file store in output_dir/mlruns."
+    )
+    experiment: str = Field("finch", description="MLflow experiment name.")
 
 
 class RunConfig(Section):
@@ -124,13 +187,22 @@ class RunConfig(Section):
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     qlora: QLoraConfig = Field(default_factory=QLoraConfig, description="Quantization, used when train.method is qlora.")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="Preference training, used when train.objective is dpo.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _eval_source_is_unambiguous(self) -> RunConfig:
+    def _settings_fit_together(self) -> RunConfig:
         if self.data.eval_files and self.data.eval_fraction:
             raise ValueError("set data.eval_files or data.eval_fraction, not both")
+        train, scale = self.train, self.scale
+        if train.mixed_precision == "fp16" and not scale.use_gpu:
+            raise ValueError("train.mixed_precision fp16 needs GPUs (scale.use_gpu: true); on CPU use bf16 or no")
+        if scale.strategy == "fsdp" and train.method != "full":
+            raise ValueError(f"scale.strategy fsdp shards full fine-tuning; train.method is {train.method} (use ddp)")
+        if train.objective == "pretrain" and self.data.format not in ("auto", "text"):
+            raise ValueError(f"train.objective pretrain trains on raw text; data.format is {self.data.format}")
         return self
 
     @property
@@ -140,6 +212,10 @@ class RunConfig(Section):
     @property
     def has_eval(self) -> bool:
         return bool(self.data.eval_files or self.data.eval_fraction)
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking.uri or (Path(self.output_dir).resolve() / "mlruns").as_uri()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:

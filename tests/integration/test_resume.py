@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from finch.config import validate_config
-from finch.train.run import RunExistsError, train
+from finch.train.run import RunExistsError, load_run_config, train
 from tests.conftest import run_config_dict, shared_file
 
 pytestmark = pytest.mark.integration
@@ -84,7 +84,8 @@ def test_interrupted_run_continues_with_resume(ray_local, tiny_model_dir, tmp_pa
     with pytest.raises(RunExistsError, match="data config differs"):
         train(changed, resume=True)
 
-    entry = train(config, resume=True)
+    # what `finch train --resume RUN_FOLDER` does: the config comes from the run folder
+    entry = train(load_run_config(config.run_dir), resume=True)
     assert trained_steps(config.run_dir) == list(range(1, STEPS + 1))
     assert entry.version == 1
     with pytest.raises(RunExistsError, match="already finished"):

@@ -31,6 +31,38 @@ def test_instruction_formats_normalize_to_messages(record, expected):
     assert [(m["role"], m["content"]) for m in sample["messages"]] == expected
 
 
+PAIR = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"}
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "input": {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]},
+            "preferred_output": [{"role": "assistant", "content": "good"}],
+            "non_preferred_output": [{"role": "assistant", "content": "bad"}],
+        },
+        {
+            "system": "S",
+            "conversations": [{"from": "human", "value": "Q"}],
+            "chosen": {"from": "gpt", "value": "good"},
+            "rejected": {"from": "gpt", "value": "bad"},
+        },
+        {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"},
+        {
+            "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        },
+    ],
+)
+def test_preference_formats_normalize_to_one_pair(record):
+    assert normalize(record, "auto", "f:1") == PAIR
+    assert normalize({"prompt": "Q", "chosen": "good", "rejected": "bad"}, "prompt_chosen_rejected", "f:1")["messages"] == [
+        {"role": "user", "content": "Q"}
+    ]
+
+
 def test_raw_text_and_system_prompt():
     assert normalize({"text": "once upon"}, "auto", "f:1") == {"text": "once upon"}
     sample = normalize({"prompt": "Q", "completion": "A"}, "auto", "f:1", system_prompt="Be brief.")
@@ -53,6 +85,10 @@ def test_raw_text_and_system_prompt():
             "auto",
             "a system message may only come first",
         ),
+        ({"input": {"messages": [{"role": "user", "content": "Q"}]}, "preferred_output": "A"}, "auto", "non_preferred_output"),
+        ({"prompt": "Q", "chosen": "A", "rejected": [{"role": "user", "content": "B"}]}, "auto", "one assistant message"),
+        ({"conversations": [{"from": "human", "value": "Q"}], "chosen": {"from": "human", "value": "A"}, "rejected": {}}, "auto", "field chosen"),
+        ({"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "chosen": "B", "rejected": "C"}, "auto", "ends with an assistant turn"),
     ],
 )
 def test_bad_rows_name_source_and_field(record, fmt, field):
@@ -70,6 +106,8 @@ def test_detect_format_of_each_shared_dataset():
         "sft/guanaco-llama2-1k.train.parquet": "text",
         "pretrain/c4_demo.jsonl": "text",
         "pretrain/tinyshakespeare.txt": "text",
+        "preference/orca_dpo_pairs_openai_format.jsonl": "openai_dpo",
+        "preference/dpo_en_demo.json": "sharegpt_preference",
     }
     for relative, fmt in expected.items():
         source, record = next(iter_records(str(shared_file(relative))))

@@ -16,7 +16,7 @@ from finch.config import ModelConfig, validate_config
 from finch.data.packing import pack_examples
 from finch.models.loading import apply_lora, load_base_model
 from finch.train.collate import RowCollator
-from finch.train.worker import training_arguments
+from finch.train.trainers import training_arguments
 from tests.conftest import run_config_dict
 
 

@@ -1,7 +1,7 @@
 """Exact label positions: only answer tokens (and the EOS/end-of-turn that ends them) carry loss."""
 
 from finch.data.templates import ALPACA_PREAMBLE
-from finch.data.tokenization import IGNORE_INDEX, prompt_token_ids, tokenize_sample
+from finch.data.tokenization import IGNORE_INDEX, prompt_token_ids, tokenize_sample, tokenize_text_chunks
 
 QA = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
 
@@ -38,6 +38,15 @@ def test_chat_template_labels_every_assistant_turn_with_its_end_token(tokenizer)
 def test_raw_text_trains_on_every_token_plus_eos(tokenizer):
     example = tokenize_sample({"text": "to be or not"}, "chat", tokenizer, 512)
     assert example.labels == example.input_ids == ids(tokenizer, "to be or not") + [tokenizer.eos_token_id]
+
+
+def test_pretraining_text_is_chunked_not_truncated(tokenizer):
+    text = " ".join(f"word{i}" for i in range(400))
+    whole = tokenize_sample({"text": text}, "chat", tokenizer, 100_000)
+    chunks = tokenize_text_chunks(text, tokenizer, 64)
+    assert len(chunks) > 2 and all(len(c.input_ids) <= 64 and not c.truncated for c in chunks)
+    assert [t for c in chunks for t in c.input_ids] == whole.input_ids  # nothing lost, EOS at the end
+    assert all(c.labels == c.input_ids for c in chunks)
 
 
 def test_truncation_keeps_the_head_and_flags_it(tokenizer):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from finch.registry.store import MANIFEST, RegistryError, list_adapters, publish_adapter, resolve_adapter
+from finch.registry.store import MANIFEST, RegistryError, list_adapters, publish, resolve_adapter
 
 
 @pytest.fixture
@@ -17,8 +17,8 @@ def adapter_files(tmp_path) -> dict[str, Path]:
 
 def test_versions_increase_and_refs_resolve(tmp_path, adapter_files):
     registry = tmp_path / "registry"
-    first = publish_adapter(registry, "concierge", adapter_files, {"metrics": {"loss": 1.0}})
-    second = publish_adapter(registry, "concierge", adapter_files, {"metrics": {"loss": 0.5}})
+    first = publish(registry, "concierge", adapter_files, {"metrics": {"loss": 1.0}})
+    second = publish(registry, "concierge", adapter_files, {"metrics": {"loss": 0.5}})
     assert (first.version, second.version) == (1, 2)
     assert sorted(p.name for p in second.path.iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors", MANIFEST])
     assert resolve_adapter(registry, "concierge").version == 2
@@ -34,7 +34,7 @@ def test_bad_refs_are_refused_without_touching_the_filesystem(tmp_path, ref):
 
 
 def test_unknown_adapter_and_version(tmp_path, adapter_files):
-    publish_adapter(tmp_path, "a", adapter_files, {})
+    publish(tmp_path, "a", adapter_files, {})
     with pytest.raises(RegistryError, match="no adapter named 'b'"):
         resolve_adapter(tmp_path, "b")
     with pytest.raises(RegistryError, match="has no version 7"):
@@ -44,7 +44,7 @@ def test_unknown_adapter_and_version(tmp_path, adapter_files):
 def test_failed_write_leaves_no_entry(tmp_path, adapter_files):
     adapter_files["adapter_model.safetensors"].unlink()  # copying it fails half way through the entry
     with pytest.raises(FileNotFoundError):
-        publish_adapter(tmp_path, "broken", adapter_files, {})
+        publish(tmp_path, "broken", adapter_files, {})
     assert list((tmp_path / "broken").iterdir()) == []
     assert list_adapters(tmp_path) == []
 
@@ -55,12 +55,12 @@ def test_half_written_folder_is_invisible(tmp_path, adapter_files):
     (tmp_path / "a" / ".staging-x").mkdir()
     with pytest.raises(RegistryError):
         resolve_adapter(tmp_path, "a")
-    assert publish_adapter(tmp_path, "a", adapter_files, {}).version == 2
+    assert publish(tmp_path, "a", adapter_files, {}).version == 2
 
 
 def test_concurrent_publishers_get_distinct_versions(tmp_path, adapter_files):
     results = []
-    threads = [threading.Thread(target=lambda: results.append(publish_adapter(tmp_path, "c", adapter_files, {}))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: results.append(publish(tmp_path, "c", adapter_files, {}))) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -71,6 +71,6 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path, adapter_files):
 
 def test_missing_adapter_file_and_bad_name_are_refused(tmp_path, adapter_files):
     with pytest.raises(RegistryError, match="lacks adapter_model.safetensors"):
-        publish_adapter(tmp_path, "a", {"adapter_config.json": adapter_files["adapter_config.json"]}, {})
+        publish(tmp_path, "a", {"adapter_config.json": adapter_files["adapter_config.json"]}, {})
     with pytest.raises(RegistryError, match="must match"):
-        publish_adapter(tmp_path, "../evil", adapter_files, {})
+        publish(tmp_path, "../evil", adapter_files, {})

@@ -1,7 +1,9 @@
 """Normalize the common dataset row formats into one shape.
 
-A normalized sample is either {"messages": [{"role", "content"}, ...]} (instruction data,
-trained on the assistant turns) or {"text": str} (raw text, trained on every token).
+A normalized sample is one of
+- {"messages": [{"role", "content"}, ...]}: instruction data, trained on the assistant turns;
+- {"text": str}: raw text, trained on every token;
+- {"messages": [...prompt turns], "chosen": str, "rejected": str}: a preference pair (DPO).
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ SHAREGPT_ROLES = {
 }
 
 
+PREFERENCE_FORMATS = ("openai_dpo", "sharegpt_preference", "prompt_chosen_rejected")
+
+
 def detect_format(record: dict[str, Any]) -> str:
+    if "preferred_output" in record:
+        return "openai_dpo"
+    if "chosen" in record and "conversations" in record:
+        return "sharegpt_preference"
+    if "chosen" in record and "rejected" in record:
+        return "prompt_chosen_rejected"
     if "messages" in record:
         return "messages"
     if "conversations" in record:
@@ -37,7 +48,8 @@ def detect_format(record: dict[str, Any]) -> str:
     raise DatasetError(
         f"cannot tell the row format from its keys {sorted(record)}; expected one of: "
         "messages (OpenAI), conversations (ShareGPT), instruction/input/output (Alpaca), "
-        "prompt/completion, text"
+        "prompt/completion, text; preference pairs: input/preferred_output/non_preferred_output (OpenAI DPO), "
+        "conversations/chosen/rejected (ShareGPT), prompt/chosen/rejected"
     )
 
 
@@ -47,13 +59,30 @@ def normalize(record: dict[str, Any], fmt: str, source: str, system_prompt: str 
         fmt = detect_format(record) if fmt == "auto" else fmt
         if fmt == "text":
             return {"text": _string(record, "text", allow_empty=False)}
-        messages = _NORMALIZERS[fmt](record)
+        if fmt in PREFERENCE_FORMATS:
+            messages, chosen, rejected = _PREFERENCE_NORMALIZERS[fmt](record)
+            sample = {"messages": messages, "chosen": chosen, "rejected": rejected}
+        else:
+            messages = _NORMALIZERS[fmt](record)
+            sample = {"messages": messages}
     except DatasetError as err:
         raise DatasetError(f"{source}: {err}") from None
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
-    _check_conversation(messages, source)
-    return {"messages": messages}
+    _check_turn_order(messages, source)
+    if "chosen" in sample:
+        if messages[-1]["role"] == "assistant":
+            raise DatasetError(f"{source}: the prompt of a preference pair ends with an assistant turn")
+    else:
+        _check_answers(messages, source)
+    return sample
+
+
+def kind_of(sample: dict[str, Any]) -> str:
+    """'text', 'conversation' or 'preference': what a normalized sample can train."""
+    if "text" in sample:
+        return "text"
+    return "preference" if "chosen" in sample else "conversation"
 
 
 def _alpaca(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -104,6 +133,51 @@ def _prompt_completion(record: dict[str, Any]) -> list[dict[str, str]]:
     ]
 
 
+def _openai_dpo(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
+    """OpenAI's DPO fine-tuning format: input.messages + preferred_output / non_preferred_output."""
+    source = record.get("input")
+    if not isinstance(source, dict):
+        raise DatasetError("field input: expected an object holding messages")
+    prompt = _openai_messages(source)
+    return prompt, _single_answer(record, "preferred_output"), _single_answer(record, "non_preferred_output")
+
+
+def _sharegpt_preference(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
+    """LLaMA-Factory's ShareGPT preference format: conversations + chosen / rejected turns."""
+    prompt = _sharegpt(record)
+    answers = []
+    for field in ("chosen", "rejected"):
+        turn = record.get(field)
+        if not isinstance(turn, dict) or SHAREGPT_ROLES.get(turn.get("from")) != "assistant":
+            raise DatasetError(f"field {field}: expected an assistant turn like {{'from': 'gpt', 'value': ...}}")
+        answers.append(_string(turn, "value", allow_empty=False))
+    return prompt, answers[0], answers[1]
+
+
+def _prompt_chosen_rejected(record: dict[str, Any]) -> tuple[list[dict[str, str]], str, str]:
+    """TRL's preference format: prompt + chosen / rejected, as strings or as message lists."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        messages = _openai_messages({"messages": prompt})
+    else:
+        messages = [{"role": "user", "content": _string(record, "prompt", allow_empty=False)}]
+    return messages, _single_answer(record, "chosen"), _single_answer(record, "rejected")
+
+
+def _single_answer(record: dict[str, Any], field: str) -> str:
+    """An answer given as a string, or as a list holding one assistant message."""
+    value = record.get(field)
+    if isinstance(value, list):
+        turns = _openai_messages({"messages": value})
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise DatasetError(f"field {field}: expected one assistant message")
+        value = turns[0]["content"]
+        if not value.strip():
+            raise DatasetError(f"field {field} is empty")
+        return value
+    return _string(record, field, allow_empty=False)
+
+
 def _turn_list(record: dict[str, Any], field: str) -> list[dict[str, Any]]:
     turns = record.get(field)
     if not isinstance(turns, list) or not turns:
@@ -125,16 +199,21 @@ def _string(record: dict[str, Any], field: str, allow_empty: bool = True) -> str
     return value
 
 
-def _check_conversation(messages: list[dict[str, str]], source: str) -> None:
+def _check_answers(messages: list[dict[str, str]], source: str) -> None:
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{source}: conversation has no assistant turn, so nothing to train on")
     for index, message in enumerate(messages):
         if message["role"] == "assistant" and not message["content"].strip():
             raise DatasetError(f"{source}: assistant turn {index} is empty")
+
+
+def _check_turn_order(messages: list[dict[str, str]], source: str) -> None:
     if any(m["role"] == "system" for m in messages[1:]):
         raise DatasetError(f"{source}: a system message may only come first in a conversation")
     if messages[0]["role"] == "assistant":
         raise DatasetError(f"{source}: conversation starts with an assistant turn; it needs a prompt first")
+    if len(messages) == 1 and messages[0]["role"] == "system":
+        raise DatasetError(f"{source}: conversation holds only a system message")
 
 
 _NORMALIZERS = {
@@ -142,4 +221,9 @@ _NORMALIZERS = {
     "messages": _openai_messages,
     "sharegpt": _sharegpt,
     "prompt_completion": _prompt_completion,
+}
+_PREFERENCE_NORMALIZERS = {
+    "openai_dpo": _openai_dpo,
+    "sharegpt_preference": _sharegpt_preference,
+    "prompt_chosen_rejected": _prompt_chosen_rejected,
 }

@@ -19,7 +19,7 @@ console = Console()
 def inspect_data(config: RunConfig, histogram: Path | None = None) -> dict[str, Any]:
     model_path = resolve_model_path(config.model.path)
     init_ray()
-    prepared = prepare_datasets(config.data, model_path)
+    prepared = prepare_datasets(config.data, model_path, config.train.objective)
     stats = prepared.stats
     histogram = histogram or config.run_dir / "token_lengths.png"
     histogram.parent.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,21 @@ import ray
 import ray.data
 
 from finch.config import DataConfig
-from finch.data.formats import normalize
+from finch.data.formats import kind_of, normalize
 from finch.data.packing import pack_examples
 from finch.data.readers import DatasetError, check_readable, iter_records
 from finch.data.templates import resolve_template
-from finch.data.tokenization import IGNORE_INDEX, tokenize_sample
+from finch.data.tokenization import IGNORE_INDEX, tokenize_preference, tokenize_sample, tokenize_text_chunks
 
 PACK_GROUP_EXAMPLES = 2048  # examples packed together; larger groups fill rows better
+# The sample kinds (formats.kind_of) each training objective can use.
+OBJECTIVE_KINDS = {"sft": ("conversation", "text"), "pretrain": ("text",), "dpo": ("preference",)}
+STAT_COLUMNS = ["length", "truncated", "trainable"]
+ROW_COLUMNS = {
+    "sft": ["input_ids", "labels"],
+    "pretrain": ["input_ids", "labels"],
+    "dpo": ["prompt_ids", "chosen_ids", "rejected_ids"],
+}
 
 
 @dataclass
@@ -47,33 +55,38 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def prepare_datasets(data: DataConfig, tokenizer_path: str) -> PreparedData:
+def prepare_datasets(data: DataConfig, tokenizer_path: str, objective: str = "sft") -> PreparedData:
     template = resolve_template(data.template, load_tokenizer(tokenizer_path))
-    examples = tokenize_files(data.train_files, data, tokenizer_path, template)
+    tokenize = functools.partial(
+        tokenize_files, data=data, tokenizer_path=tokenizer_path, template=template, objective=objective
+    )
+    examples = tokenize(data.train_files)
     stats = example_stats(examples, data.max_length)
     examples = _with_answers(examples, data.train_files)
     eval_examples = None
     if data.eval_files:
-        eval_examples = _with_answers(tokenize_files(data.eval_files, data, tokenizer_path, template), data.eval_files)
+        eval_examples = _with_answers(tokenize(data.eval_files), data.eval_files)
     elif data.eval_fraction:
         examples, eval_examples = examples.train_test_split(test_size=data.eval_fraction, shuffle=True, seed=data.seed)
     pad_id = load_tokenizer(tokenizer_path).pad_token_id
-    train = to_rows(examples, data, pad_id)
+    train = to_rows(examples, data, pad_id, objective)
     stats.update(row_stats(train, data.max_length))
     if eval_examples is not None:
         stats["eval_examples"] = eval_examples.count()
-        eval_examples = to_rows(eval_examples, data, pad_id)
+        eval_examples = to_rows(eval_examples, data, pad_id, objective)
     return PreparedData(train=train, eval=eval_examples, template=template, stats=stats)
 
 
-def tokenize_files(files: list[str], data: DataConfig, tokenizer_path: str, template: str) -> ray.data.Dataset:
+def tokenize_files(
+    files: list[str], data: DataConfig, tokenizer_path: str, template: str, objective: str = "sft"
+) -> ray.data.Dataset:
     for path in files:
         check_readable(path)
     records = ray.data.from_items([{"path": path} for path in files]).flat_map(_read_file)
     examples = records.map_batches(
         _tokenize_batch,
         batch_format="pandas",
-        fn_kwargs={"data": data, "tokenizer_path": tokenizer_path, "template": template},
+        fn_kwargs={"data": data, "tokenizer_path": tokenizer_path, "template": template, "objective": objective},
     )
     examples = raise_dataset_errors(examples.materialize)
     if examples.count() == 0:
@@ -89,10 +102,10 @@ def _with_answers(examples: ray.data.Dataset, files: list[str]) -> ray.data.Data
     return kept
 
 
-def to_rows(examples: ray.data.Dataset, data: DataConfig, pad_id: int) -> ray.data.Dataset:
-    """Training rows: packed to max_length, or one example per row (padded later per batch)."""
-    if not data.packing:
-        return examples.select_columns(["input_ids", "labels"]).materialize()
+def to_rows(examples: ray.data.Dataset, data: DataConfig, pad_id: int, objective: str = "sft") -> ray.data.Dataset:
+    """Training rows: packed to max_length, or one example (or preference pair) per row, padded later per batch."""
+    if objective == "dpo" or not data.packing:
+        return examples.select_columns(ROW_COLUMNS[objective]).materialize()
     return examples.map_batches(
         _pack_batch,
         batch_size=PACK_GROUP_EXAMPLES,
@@ -144,18 +157,57 @@ def _read_file(item: dict[str, Any]) -> list[dict[str, str]]:
     return [{"source": source, "record": json.dumps(record, default=str)} for source, record in iter_records(item["path"])]
 
 
-def _tokenize_batch(batch: pd.DataFrame, data: DataConfig, tokenizer_path: str, template: str) -> pd.DataFrame:
+def _tokenize_batch(
+    batch: pd.DataFrame, data: DataConfig, tokenizer_path: str, template: str, objective: str
+) -> pd.DataFrame:
     tokenizer = load_tokenizer(tokenizer_path)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "trainable": []}
+    out: dict[str, list] = {column: [] for column in ROW_COLUMNS[objective] + STAT_COLUMNS}
     for source, record in zip(batch["source"], batch["record"]):
         sample = normalize(json.loads(record), data.format, source, data.system_prompt)
-        example = tokenize_sample(sample, template, tokenizer, data.max_length)
-        out["input_ids"].append(example.input_ids)
-        out["labels"].append(example.labels)
-        out["length"].append(len(example.input_ids))
-        out["truncated"].append(example.truncated)
-        out["trainable"].append(sum(label != IGNORE_INDEX for label in example.labels))
+        if kind_of(sample) not in OBJECTIVE_KINDS[objective]:
+            raise DatasetError(
+                f"{source}: train.objective {objective} trains on {' or '.join(OBJECTIVE_KINDS[objective])} rows; "
+                f"this row is a {kind_of(sample)}"
+            )
+        try:
+            examples = _examples(sample, template, tokenizer, data.max_length, objective)
+        except DatasetError as err:
+            raise DatasetError(f"{source}: {err}") from None
+        for example in examples:
+            for column, value in example.items():
+                out[column].append(value)
     return pd.DataFrame(out)
+
+
+def _examples(sample: dict[str, Any], template: str, tokenizer: Any, max_length: int, objective: str) -> list[dict]:
+    """One sample's training examples with their stats columns (a long pretraining text gives several)."""
+    if objective == "dpo":
+        pair = tokenize_preference(sample, template, tokenizer, max_length)
+        answer_length = max(len(pair.chosen_ids), len(pair.rejected_ids))
+        return [
+            {
+                "prompt_ids": pair.prompt_ids,
+                "chosen_ids": pair.chosen_ids,
+                "rejected_ids": pair.rejected_ids,
+                "length": len(pair.prompt_ids) + answer_length,
+                "truncated": pair.truncated,
+                "trainable": min(len(pair.chosen_ids), len(pair.rejected_ids)),
+            }
+        ]
+    if objective == "pretrain":
+        tokenized = tokenize_text_chunks(sample["text"], tokenizer, max_length)
+    else:
+        tokenized = [tokenize_sample(sample, template, tokenizer, max_length)]
+    return [
+        {
+            "input_ids": example.input_ids,
+            "labels": example.labels,
+            "length": len(example.input_ids),
+            "truncated": example.truncated,
+            "trainable": sum(label != IGNORE_INDEX for label in example.labels),
+        }
+        for example in tokenized
+    ]
 
 
 def _pack_batch(batch: pd.DataFrame, max_length: int, pad_id: int) -> pd.DataFrame:

@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from finch.data.readers import DatasetError
 from finch.data.templates import Segment, render_prompt, render_sample
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -45,6 +46,54 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, max_length: int) 
 def tokenize_sample(sample: dict[str, Any], template: str, tokenizer: Any, max_length: int) -> TokenizedExample:
     """A normalized sample -> training ids and labels (see templates.render_sample)."""
     return tokenize_segments(render_sample(sample, template, tokenizer), tokenizer, max_length)
+
+
+def tokenize_text_chunks(text: str, tokenizer: Any, max_length: int) -> list[TokenizedExample]:
+    """Continued pre-training: a whole document (BOS/EOS as the tokenizer adds them), every token
+    a label, cut into max_length chunks so that nothing of a long document is thrown away."""
+    full = tokenize_segments([Segment(text, trainable=True, eos_after=True)], tokenizer, sys.maxsize)
+    return [
+        TokenizedExample(full.input_ids[start : start + max_length], full.labels[start : start + max_length], False)
+        for start in range(0, len(full.input_ids), max_length)
+    ]
+
+
+@dataclass
+class PreferenceExample:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool
+
+
+def tokenize_preference(sample: dict[str, Any], template: str, tokenizer: Any, max_length: int) -> PreferenceExample:
+    """A preference pair -> shared prompt ids and the two answers' ids, rendered like SFT data.
+
+    Each answer is rendered as the final assistant turn of the conversation, so its tokens (and
+    end-of-turn / EOS) are exactly what SFT would train and what inference prompts lead into.
+    Answers are cut so that prompt + answer fits max_length; a prompt that fills it leaves
+    empty answers, which the pipeline drops.
+    """
+    prompts, answers = [], []
+    for answer in (sample["chosen"], sample["rejected"]):
+        conversation = {"messages": [*sample["messages"], {"role": "assistant", "content": answer}]}
+        example = tokenize_segments(render_sample(conversation, template, tokenizer), tokenizer, sys.maxsize)
+        start, end = _final_answer_span(example.labels)
+        prompts.append(example.input_ids[:start])
+        answers.append(example.input_ids[start:end])
+    if prompts[0] != prompts[1]:
+        raise DatasetError("the template renders the same prompt differently before the chosen and rejected answers")
+    room = max(0, max_length - len(prompts[0]))
+    truncated = any(len(ids) > room for ids in answers)
+    return PreferenceExample(prompts[0], answers[0][:room], answers[1][:room], truncated)
+
+
+def _final_answer_span(labels: list[int]) -> tuple[int, int]:
+    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start, end
 
 
 def prompt_token_ids(messages: list[dict[str, str]], tokenizer: Any, template: str) -> list[int]:

@@ -11,6 +11,18 @@ from finch.config import ConfigError, LoraConfig, ModelConfig, QLoraConfig, RunC
 
 # Only these files are fetched from the hub: safetensors weights, never pickled .bin files.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*", "*.txt"]
+# The names transformers model configs use for their dropout rates (Llama/Gemma/Qwen: attention_dropout;
+# GPT-2 style: *_pdrop; BERT style: *_dropout_prob).
+DROPOUT_ATTRIBUTES = (
+    "attention_dropout",
+    "hidden_dropout",
+    "dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+)
 
 
 def resolve_model_path(path: str) -> str:
@@ -56,6 +68,8 @@ def load_base_model(
             bnb_4bit_use_double_quant=quantization.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
         )
+    if model_config.dropout is not None:
+        extra["config"] = config_with_dropout(folder, model_config)
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=torch_dtype(model_config.dtype, use_gpu),
@@ -68,8 +82,28 @@ def load_base_model(
     return model
 
 
+def config_with_dropout(folder: str, model_config: ModelConfig) -> Any:
+    """The model's config with every dropout rate it has set to `model.dropout`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=model_config.trust_remote_code)
+    # Multimodal configs (Gemma 3) keep the language model's settings in a sub-config.
+    targets = {id(c): c for c in (config, config.get_text_config())}.values()
+    found = [(c, name) for c in targets for name in DROPOUT_ATTRIBUTES if hasattr(c, name)]
+    if not found:
+        raise ConfigError(f"model.dropout: {type(config).__name__} has no dropout setting to override")
+    for target, name in found:
+        setattr(target, name, model_config.dropout)
+    return config
+
+
 def load_trainable_model(config: RunConfig, folder: str) -> Any:
-    """The model a training worker fits: the base (4-bit for QLoRA) with LoRA attached, in train mode."""
+    """The model a training worker fits, in train mode: the whole base (full), or the base
+    (4-bit for QLoRA) with LoRA adapters attached."""
+    if config.train.method == "full":
+        model = load_base_model(config.model, folder, config.scale.use_gpu)
+        model.train()
+        return model
     quantization = config.qlora if config.train.method == "qlora" else None
     model = load_base_model(config.model, folder, config.scale.use_gpu, quantization)
     if quantization is not None:
@@ -108,6 +142,7 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
         bias="none",
     )
     return get_peft_model(model, peft_config)

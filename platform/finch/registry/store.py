@@ -1,4 +1,7 @@
-"""The adapter registry: `{registry}/{name}/v{N}/` in PEFT layout plus `finch_manifest.json`.
+"""The registry: `{registry}/{name}/v{N}/` plus `finch_manifest.json`.
+
+An entry is a LoRA adapter in PEFT layout (kind "adapter"), or for full fine-tuning a whole
+model folder in Hugging Face layout with its tokenizer (kind "model"). Weights are safetensors only.
 
 Folders are written complete into a temp dir and renamed into place, so a reader (chat,
 serving) never sees a half-written adapter, and two writers never get the same version.
@@ -20,6 +23,7 @@ from finch.config import NAME_BODY
 
 MANIFEST = "finch_manifest.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+REQUIRED_FILES = {"adapter": ADAPTER_FILES, "model": ("config.json",)}
 # Matched with fullmatch: a trailing newline or any path separator never gets through.
 NAME_PATTERN = re.compile(NAME_BODY)
 REF_PATTERN = re.compile(rf"(?P<name>{NAME_BODY})(?:@v?(?P<version>\d+))?")
@@ -40,14 +44,25 @@ class AdapterEntry:
     def ref(self) -> str:
         return f"{self.name}@v{self.version}"
 
+    @property
+    def kind(self) -> str:
+        return self.manifest.get("kind", "adapter")
 
-def publish_adapter(registry_dir: str | Path, name: str, files: dict[str, Path], manifest: dict[str, Any]) -> AdapterEntry:
+
+def publish(
+    registry_dir: str | Path, name: str, files: dict[str, Path], manifest: dict[str, Any], kind: str = "adapter"
+) -> AdapterEntry:
     """Copy `files` (target name -> source path) plus the manifest into the next version folder."""
     if not NAME_PATTERN.fullmatch(name):
         raise RegistryError(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
-    missing = [f for f in ADAPTER_FILES if f not in files]
+    missing = [f for f in REQUIRED_FILES[kind] if f not in files]
+    if kind == "model" and not any(f.endswith(".safetensors") for f in files):
+        missing.append("*.safetensors weights")
     if missing:
-        raise RegistryError(f"adapter for {name!r} lacks {', '.join(missing)}")
+        raise RegistryError(f"{kind} for {name!r} lacks {', '.join(missing)}")
+    unsafe = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    if unsafe:
+        raise RegistryError(f"{kind} for {name!r}: pickled files are never registered ({', '.join(unsafe)})")
     root = Path(registry_dir).resolve() / name
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
@@ -56,7 +71,7 @@ def publish_adapter(registry_dir: str | Path, name: str, files: dict[str, Path],
             shutil.copyfile(source, staging / target)
         version = _next_version(root)
         while True:
-            manifest = {**manifest, "name": name, "version": version}
+            manifest = {**manifest, "name": name, "version": version, "kind": kind}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             _fsync_folder(staging)
             try:

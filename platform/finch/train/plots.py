@@ -1,9 +1,13 @@
-"""The loss curve PNG written into every run folder and registry entry."""
+"""The loss curve PNG written into every run folder and registry entry (plus reward margins for DPO)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+
+def series(log_history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(e["step"], e[key]) for e in log_history if key in e]
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> Path:
@@ -12,18 +16,20 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    if train:
-        axis.plot(*zip(*train), label="train loss")
-    if evals:
-        axis.plot(*zip(*evals), marker="o", label="eval loss")
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("loss")
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend()
+    panels = [("loss", ("loss", "eval_loss"))]
+    if series(log_history, "rewards/margins"):
+        panels.append(("reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")))
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for axis, (ylabel, (train_key, eval_key)) in zip(axes[0], panels):
+        if train := series(log_history, train_key):
+            axis.plot(*zip(*train), label=f"train {ylabel.split(' ')[0]}")
+        if evals := series(log_history, eval_key):
+            axis.plot(*zip(*evals), marker="o", label=f"eval {ylabel.split(' ')[0]}")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

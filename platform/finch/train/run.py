@@ -1,4 +1,4 @@
-"""`finch train`: resolve the base model, prepare data on Ray Data, fit on Ray Train, register the adapter."""
+"""`finch train`: resolve the base model, prepare data on Ray Data, fit on Ray Train, register the result."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from pathlib import Path
 from rich.console import Console
 
 import finch
-from finch.config import RunConfig, dump_config
+from finch.config import ConfigError, RunConfig, dump_config, load_config
 from finch.data.pipeline import PreparedData, prepare_datasets
 from finch.fingerprint import fingerprint_model_folder, fingerprint_paths
 from finch.models.loading import resolve_model_path
-from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish_adapter
+from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish
 from finch.runtime import init_ray
 from finch.train.plots import plot_loss
+from finch.train.progress import TrainingProgress
+from finch.train.tracking import MlflowTracker
 from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, last_values, train_loop_per_worker
 
 console = Console()
@@ -30,10 +32,21 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
     run_dir = prepare_run_dir(config, overwrite, resume)
     model_path = resolve_model_path(config.model.path)
     init_ray()
-    data = prepare_datasets(config.data, model_path)
+    data = prepare_datasets(config.data, model_path, config.train.objective)
     print_data_stats(data)
-    final_checkpoint = fit(config, model_path, data)
-    return register(config, model_path, data, final_checkpoint, run_dir)
+    tracker = MlflowTracker(config, resume) if config.tracking.mlflow else None
+    progress = TrainingProgress(f"{config.name}", console, [tracker] if tracker else [])
+    try:
+        final_checkpoint = progress.run(lambda: fit(config, model_path, data, progress.queue))
+        entry = register(config, model_path, data, final_checkpoint, run_dir)
+    except BaseException:
+        if tracker:
+            tracker.finish([], failed=True)
+        raise
+    if tracker:
+        tracker.finish([run_dir / "loss.png", run_dir / "config.json"])
+        console.print(f"finch: metrics in MLflow at {tracker.uri} (run {tracker.run_id})")
+    return entry
 
 
 def prepare_run_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
@@ -60,6 +73,19 @@ def prepare_run_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
     return run_dir
 
 
+def load_run_config(run_folder: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config an existing run folder was started with (`finch train --resume RUN`), with
+    overrides on top; the folder stays where it is, whatever the working directory."""
+    folder = Path(run_folder).resolve()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--resume {run_folder}: not a finch run folder (no config.json in {folder})")
+    base = json.loads((folder / "config.json").read_text())
+    config = load_config(base=base, overrides=[*(overrides or []), f"output_dir={folder.parent}"])
+    if config.name != folder.name:
+        raise ConfigError(f"--resume {run_folder}: the run is named {config.name!r}, not {folder.name!r}")
+    return config
+
+
 def check_resumable(config: RunConfig) -> None:
     """Resuming needs checkpoints, an unfinished run, and the same model, data and LoRA setup
     (a checkpoint's data position means nothing for other rows)."""
@@ -75,7 +101,7 @@ def check_resumable(config: RunConfig) -> None:
         raise RunExistsError(f"cannot resume {config.name}: its {', '.join(changed)} config differs from the interrupted run")
 
 
-def fit(config: RunConfig, model_path: str, data: PreparedData):
+def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=None):
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -83,7 +109,7 @@ def fit(config: RunConfig, model_path: str, data: PreparedData):
     datasets = {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dump_config(config), "model_path": model_path},
+        train_loop_config={"config": dump_config(config), "model_path": model_path, "progress_queue": progress_queue},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scale.num_workers,
             use_gpu=config.scale.use_gpu,
@@ -113,12 +139,20 @@ def fit(config: RunConfig, model_path: str, data: PreparedData):
 
 
 def register(config: RunConfig, model_path: str, data: PreparedData, checkpoint, run_dir: Path) -> AdapterEntry:
+    """Publish the final checkpoint: the adapter files, or for full fine-tuning the whole model folder."""
+    kind = "model" if config.train.method == "full" else "adapter"
+    train = config.train
+    title = f"{config.name}: {train.method} {train.objective} on {config.model.path}"
     with checkpoint.as_directory() as folder:
         log_history = json.loads(Path(folder, LOG_HISTORY_FILE).read_text())
-        loss_png = plot_loss(log_history, run_dir / "loss.png", f"{config.name}: LoRA SFT on {config.model.path}")
-        files = {name: Path(folder, name) for name in ADAPTER_FILES} | {"loss.png": loss_png}
-        entry = publish_adapter(config.registry_dir, config.name, files, manifest(config, model_path, data, log_history))
-    console.print(f"[green]finch: registered adapter {entry.ref}[/] at {entry.path}")
+        loss_png = plot_loss(log_history, run_dir / "loss.png", title)
+        if kind == "adapter":
+            files = {name: Path(folder, name) for name in ADAPTER_FILES}
+        else:
+            files = {p.name: p for p in Path(folder).iterdir() if p.is_file() and p.name != LOG_HISTORY_FILE}
+        files["loss.png"] = loss_png
+        entry = publish(config.registry_dir, config.name, files, manifest(config, model_path, data, log_history), kind)
+    console.print(f"[green]finch: registered {kind} {entry.ref}[/] at {entry.path}")
     return entry
 
 

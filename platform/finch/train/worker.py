@@ -1,8 +1,8 @@
 """The per-worker training loop that Ray Train runs on every worker (one process per device).
 
-It uses the HF `Trainer`: rows arrive already tokenized, masked and packed by Ray Data, so
-TRL's SFTTrainer would only redo that work; HF Trainer brings DDP, accumulation, schedulers,
+It runs an HF `Trainer` (train/trainers.py): HF brings DDP/FSDP, accumulation, schedulers,
 clipping and the checkpoint format (model, optimizer, scheduler, RNG, step) that users know.
+This module is the Ray glue: rows in, metrics and checkpoints out, restore after failures.
 """
 
 from __future__ import annotations
@@ -17,15 +17,14 @@ from typing import Any
 import ray.train
 import torch
 from torch.utils.data import Dataset
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 
 from finch.config import RunConfig, validate_config
 from finch.data.pipeline import load_tokenizer
 from finch.models.loading import load_trainable_model
-from finch.train.collate import RowCollator
+from finch.train.trainers import build_trainer
 
 FINAL_CHECKPOINT = "final"
-SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "train_loss", "train_runtime")
 LOG_HISTORY_FILE = "log_history.json"
 
 
@@ -44,22 +43,27 @@ class Rows(Dataset):
 
 
 class RayReportCallback(TrainerCallback):
-    """Report every logged metric to Ray, and each HF checkpoint as a Ray checkpoint.
+    """Report every logged metric to Ray, and each HF checkpoint as a Ray checkpoint; rank 0
+    also sends the metrics to the driver's progress queue (train/progress.py).
 
     `ray.train.report` is a barrier: HF Trainer calls on_log/on_save on every rank at the
     same steps, so all workers report equally often.
     """
 
+    def __init__(self, progress_queue: Any = None):
+        self.progress_queue = progress_queue
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = {**(logs or {}), "step": state.global_step, "epoch": state.epoch or 0.0}
         ray.train.report(metrics=metrics)
-        shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in SHOWN_METRICS if k in metrics)
-        if state.is_world_process_zero and shown:
-            print(f"finch: step {state.global_step}/{state.max_steps}  {shown}", flush=True)
+        if state.is_world_process_zero and self.progress_queue is not None:
+            self.progress_queue.put({**metrics, "max_steps": state.max_steps})
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank uploads what it wrote (rank 0 the model and trainer state, each rank its RNG
+        # state, and under FSDP its weight and optimizer shards); Ray merges them into one folder.
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        checkpoint = ray.train.Checkpoint.from_directory(folder) if state.is_world_process_zero else None
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder.is_dir() else None
         ray.train.report(
             metrics={"step": state.global_step}, checkpoint=checkpoint, checkpoint_dir_name=folder.name
         )
@@ -74,20 +78,15 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     train_rows = Rows(ray.train.get_dataset_shard("train"))
     eval_rows = Rows(ray.train.get_dataset_shard("eval")) if config.has_eval else None
 
+    set_seed(config.train.seed)  # LoRA init (and dropout) must not depend on what ran before in this process
     model = load_trainable_model(config, payload["model_path"])
     # HF checkpoints are scratch: each one is copied into Ray's storage as it is saved.
     with tempfile.TemporaryDirectory(prefix="finch-hf-") as scratch:
-        trainer = Trainer(
-            model=model,
-            args=training_arguments(config, scratch),
-            train_dataset=train_rows,
-            eval_dataset=eval_rows,
-            data_collator=RowCollator(tokenizer.pad_token_id),
-            callbacks=[RayReportCallback()],
-        )
-        trainer.remove_callback(PrinterCallback)  # RayReportCallback prints a compact line instead
+        trainer = build_trainer(config, model, tokenizer, train_rows, eval_rows, scratch)
+        trainer.add_callback(RayReportCallback(payload.get("progress_queue")))
+        trainer.remove_callback(PrinterCallback)  # the driver shows progress instead
         trainer.train(resume_from_checkpoint=restore_latest_checkpoint(scratch))
-        report_final(trainer)
+        report_final(trainer, tokenizer)
 
 
 def restore_latest_checkpoint(scratch: str) -> str | None:
@@ -117,51 +116,31 @@ def torch_threads(config: RunConfig) -> int:
     return max(1, (os.cpu_count() or 1) // scale.num_workers)
 
 
-def training_arguments(config: RunConfig, output_dir: str) -> TrainingArguments:
-    train, has_eval = config.train, config.has_eval
-    return TrainingArguments(
-        output_dir=output_dir,
-        learning_rate=train.lr,
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps or -1,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        lr_scheduler_type=train.scheduler,
-        warmup_steps=train.warmup_ratio,  # transformers 5: a value below 1 is a ratio of total steps
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        seed=train.seed,
-        data_seed=train.seed,
-        logging_steps=train.logging_steps,
-        eval_strategy=("steps" if train.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=train.eval_steps,
-        eval_on_start=has_eval,
-        save_strategy="steps" if train.save_steps else "epoch",
-        save_steps=train.save_steps,
-        save_total_limit=2,
-        gradient_checkpointing=train.gradient_checkpointing,
-        use_cpu=not config.scale.use_gpu,
-        bf16=False,  # the weights already carry the chosen dtype; autocast on top only costs time on CPU
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
-    )
-
-
-def report_final(trainer: Trainer) -> None:
-    """Rank 0 hands the trained adapter and the log history to the driver as the last checkpoint."""
+def report_final(trainer: Trainer, tokenizer: Any) -> None:
+    """Rank 0 hands the trained weights and the log history to the driver as the last checkpoint."""
     metrics = {"step": trainer.state.global_step, **last_values(trainer.state.log_history)}
-    if not trainer.is_world_process_zero():
-        ray.train.report(metrics=metrics, checkpoint_dir_name=FINAL_CHECKPOINT)
-        return
     with tempfile.TemporaryDirectory() as folder:
-        trainer.model.save_pretrained(folder, safe_serialization=True)
-        Path(folder, LOG_HISTORY_FILE).write_text(json.dumps(trainer.state.log_history, indent=1))
-        ray.train.report(
-            metrics=metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=FINAL_CHECKPOINT
-        )
+        save_final(trainer, tokenizer, folder)
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if trainer.is_world_process_zero() else None
+        ray.train.report(metrics=metrics, checkpoint=checkpoint, checkpoint_dir_name=FINAL_CHECKPOINT)
+
+
+def save_final(trainer: Trainer, tokenizer: Any, folder: str) -> None:
+    """The adapter, or for full fine-tuning the whole model with its tokenizer (a standalone HF
+    folder), plus the log history. Every rank must call it: under FSDP they gather the weights."""
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(folder)  # writes on rank 0 only
+    if not trainer.is_world_process_zero():
+        return
+    if not is_peft(trainer.model):
+        tokenizer.save_pretrained(folder)
+    Path(folder, "training_args.bin").unlink(missing_ok=True)  # a pickle: never part of a registry entry
+    Path(folder, LOG_HISTORY_FILE).write_text(json.dumps(trainer.state.log_history, indent=1))
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
 
 
 def last_values(log_history: list[dict[str, Any]]) -> dict[str, float]:

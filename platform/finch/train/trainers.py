@@ -1,0 +1,165 @@
+"""The HF trainer a worker runs, built from the run config.
+
+This is the one place that maps finch's hyperparameters to Hugging Face `TrainingArguments`
+names. SFT and pre-training use the HF `Trainer` on rows that Ray Data already tokenized,
+masked and packed (TRL's SFTTrainer would only redo that work); DPO uses TRL (train/dpo.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from finch.config import RunConfig
+from finch.train.collate import RowCollator
+
+# Transformer blocks are numbered in parameter names: model.layers.3.mlp... (Llama, Gemma, Qwen,
+# Mistral), transformer.h.3... (GPT-2), encoder.layer.3... (BERT), blocks.3...
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+def training_arguments(config: RunConfig, output_dir: str) -> TrainingArguments:
+    if config.train.objective == "dpo":
+        from finch.train.dpo import dpo_arguments
+
+        return dpo_arguments(config, output_dir)
+    return TrainingArguments(**hf_arguments(config, output_dir))
+
+
+def hf_arguments(config: RunConfig, output_dir: str) -> dict[str, Any]:
+    """finch config -> TrainingArguments keyword arguments (shared by HF Trainer and TRL configs)."""
+    train, has_eval = config.train, config.has_eval
+    return dict(
+        output_dir=output_dir,
+        learning_rate=train.lr,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a value below 1 is a ratio of total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        eval_strategy=("steps" if train.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=train.eval_steps,
+        eval_on_start=has_eval,
+        save_strategy="steps" if train.save_steps else "epoch",
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        # FSDP checkpoints activations through its own wrapper (fsdp_config) instead.
+        gradient_checkpointing=train.gradient_checkpointing and config.scale.strategy != "fsdp",
+        # No autocast by default: the weights already carry model.dtype, and autocast on top only
+        # costs time on CPU. bf16/fp16 autocast is for fp32 master weights (model.dtype float32).
+        bf16=train.mixed_precision == "bf16",
+        fp16=train.mixed_precision == "fp16",
+        neftune_noise_alpha=train.neftune_alpha,
+        use_cpu=not config.scale.use_gpu,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        **fsdp_arguments(config),
+    )
+
+
+def fsdp_arguments(config: RunConfig) -> dict[str, Any]:
+    """FSDP2 (torch fully_shard via accelerate): each transformer block (the model's
+    `_no_split_modules`) is one shard unit; checkpoints are sharded (each rank writes its part,
+    no full gather per save); the final save gathers one full model (see worker.save_final)."""
+    if config.scale.strategy != "fsdp":
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "activation_checkpointing": config.train.gradient_checkpointing,
+        },
+    }
+
+
+class LayerwiseLrDecay:
+    """Trainer mixin: when train.layer_lr_decay is set, each transformer block trains at
+    lr * decay^(blocks above it); embeddings below block 0, the head and final norm at lr.
+
+    HF Trainer builds one group per weight-decay setting; this splits those groups per layer
+    before the first step, so every other optimizer setting (class, betas, FSDP wrapping) stays HF's.
+    """
+
+    layer_lr_decay: float | None = None
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if not self.layer_lr_decay:
+            return optimizer
+        opt_model = self.model if model is None else model
+        names = {id(p): n for n, p in opt_model.named_parameters()}
+        num_layers = opt_model.config.get_text_config().num_hidden_layers
+        groups = []
+        for group in optimizer.param_groups:
+            by_scale: dict[float, list] = {}
+            for param in group["params"]:
+                depth = layer_depth(names[id(param)], num_layers)
+                by_scale.setdefault(self.layer_lr_decay ** (num_layers + 1 - depth), []).append(param)
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups += [{**settings, "params": ps, "lr": group["lr"] * scale} for scale, ps in by_scale.items()]
+        optimizer.param_groups = []
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """0 for embeddings, i + 1 for block i, num_layers + 1 for everything on top (norm, head)."""
+    match = LAYER_INDEX.search(name)
+    if match:
+        return int(match[1]) + 1
+    return 0 if "embed" in name or ".wte." in name or ".wpe." in name else num_layers + 1
+
+
+class PerplexityLogging:
+    """Trainer mixin: every logged eval loss comes with its perplexity, exp(loss)."""
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "eval_loss" in logs:
+            logs = {**logs, "eval_perplexity": math.exp(min(logs["eval_loss"], 50.0))}  # capped: no overflow
+        super().log(logs, *args, **kwargs)
+
+
+class FinchTrainer(PerplexityLogging, LayerwiseLrDecay, Trainer):
+    pass
+
+
+def build_trainer(
+    config: RunConfig, model: Any, tokenizer: Any, train_rows: Dataset, eval_rows: Dataset | None, output_dir: str
+) -> Trainer:
+    args = training_arguments(config, output_dir)
+    if config.train.objective == "dpo":
+        from finch.train.dpo import build_dpo_trainer
+
+        trainer = build_dpo_trainer(config, model, tokenizer, args, train_rows, eval_rows)
+    else:
+        trainer = FinchTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_rows,
+            eval_dataset=eval_rows,
+            data_collator=RowCollator(tokenizer.pad_token_id),
+        )
+    trainer.layer_lr_decay = config.train.layer_lr_decay
+    if config.scale.strategy == "fsdp" and not trainer.is_fsdp_enabled:
+        # accelerate falls back to DDP without a word where it cannot shard (CPU/gloo): say so instead.
+        raise RuntimeError(
+            "scale.strategy fsdp: accelerate did not enable FSDP on this backend "
+            f"({trainer.accelerator.distributed_type}); FSDP needs GPUs (scale.use_gpu: true)"
+        )
+    return trainer

@@ -1,0 +1,83 @@
+"""DPO on real preference pairs (Intel/orca_dpo_pairs in OpenAI's DPO format), no Ray.
+
+With LoRA the reference is the base with the adapter disabled, and a fresh adapter changes
+nothing (B = 0), so the first sigmoid DPO loss is exactly ln 2 and the reward margin 0; training
+on the pairs must then push the chosen answers' reward above the rejected ones'.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import islice
+
+import pytest
+import torch
+
+from finch.config import validate_config
+from finch.data.formats import normalize
+from finch.data.readers import iter_records
+from finch.data.tokenization import tokenize_preference
+from finch.models.loading import load_trainable_model
+from finch.train.trainers import build_trainer
+from tests.conftest import make_tokenizer, run_config_dict, shared_file
+
+
+def preference_rows(count: int, max_length: int) -> list[dict]:
+    tokenizer = make_tokenizer()
+    path = shared_file("preference/orca_dpo_pairs_openai_format.jsonl")
+    rows = []
+    for source, record in islice(iter_records(str(path)), count):
+        pair = tokenize_preference(normalize(record, "auto", source), "chat", tokenizer, max_length)
+        rows.append({"prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids})
+    return rows
+
+
+def dpo_history(tmp_path, model_dir, method: str, steps: int) -> list[dict]:
+    config = validate_config(
+        run_config_dict(
+            tmp_path,
+            model_dir,
+            ["unused.jsonl"],
+            data={"eval_fraction": 0.25, "max_length": 256},
+            train={"objective": "dpo", "method": method, "max_steps": steps, "lr": 5e-3, "batch_size": 4,
+                   "eval_steps": steps, "save_steps": 1000},
+            dpo={"beta": 0.1},
+        )
+    )
+    rows = preference_rows(16, max_length=256)
+    torch.manual_seed(0)
+    model = load_trainable_model(config, str(model_dir))
+    trainer = build_trainer(config, model, make_tokenizer(), rows[:12], rows[12:], str(tmp_path / "hf"))
+    trainer.train()
+    return trainer.state.log_history
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_starts_at_ln2_and_the_reward_margin_grows(tmp_path, tiny_model_dir, method):
+    history = dpo_history(tmp_path, tiny_model_dir, method, steps=12)
+    evals = [entry for entry in history if "eval_loss" in entry]
+    first_train = next(entry for entry in history if "loss" in entry)
+    assert evals[0]["step"] == 0  # evaluated before the first update
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert evals[0]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert first_train["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # the policy learns to prefer the chosen answers, on the training pairs and on held-out pairs
+    assert evals[-1]["eval_rewards/margins"] > 0.2
+    assert evals[-1]["eval_loss"] < math.log(2)
+    train_margins = [entry["rewards/margins"] for entry in history if "rewards/margins" in entry]
+    assert sum(train_margins[-3:]) / 3 > 0.5
+    assert train_margins[-1] > train_margins[0]
+
+
+def test_preference_pairs_share_the_prompt_and_end_with_the_answer_end(tokenizer):
+    sample = {"messages": [{"role": "user", "content": "Pick one."}], "chosen": "Blue.", "rejected": "Red, of course."}
+    pair = tokenize_preference(sample, "chat", tokenizer, max_length=512)
+    assert tokenizer.decode(pair.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(pair.chosen_ids) == "Blue.<|im_end|>\n"
+    assert tokenizer.decode(pair.rejected_ids) == "Red, of course.<|im_end|>\n"
+    plain = tokenize_preference(sample, "alpaca", tokenizer, max_length=512)
+    assert tokenizer.decode(plain.prompt_ids).endswith("### Response:\n")
+    assert plain.chosen_ids[-1] == tokenizer.eos_token_id
+    # answers are cut so prompt + answer fits max_length
+    short = tokenize_preference(sample, "chat", tokenizer, max_length=len(pair.prompt_ids) + 2)
+    assert short.truncated and len(short.chosen_ids) == 2 and len(short.rejected_ids) == 2
