@@ -104,7 +104,7 @@ class DpoConfig(Section):
         Field("sigmoid", description="TRL DPO loss: 'sigmoid' is the DPO paper's loss; 'ipo', 'hinge', ... variants.")
     )
     label_smoothing: float = Field(
-        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (robust/cDPO losses)."
+        0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (loss_type robust only)."
     )
 
 
@@ -141,14 +141,17 @@ class TrainConfig(Section):
         "weights). 'no' (default) computes in model.dtype, the fast and safe choice on CPU; fp16 needs GPUs.",
     )
     neftune_alpha: float | None = Field(
-        None, gt=0, description="NEFTune: uniform noise of this scale on input embeddings while training (e.g. 5)."
+        None,
+        gt=0,
+        description="NEFTune: uniform noise of this scale on input embeddings while training (e.g. 5). HF scales "
+        "it by 1/sqrt(row length x hidden size): with packing the row is data.max_length, so raise alpha to match.",
     )
     layer_lr_decay: float | None = Field(
         None,
         gt=0,
         le=1,
-        description="Layer-wise lr decay: the top layer trains at lr, each layer below at this factor times the "
-        "one above, embeddings lowest.",
+        description="Layer-wise lr decay: the head and final norm train at lr, the top block at lr x decay, each "
+        "block below at decay times the one above, embeddings lowest (tied embeddings count as embeddings).",
     )
 
 
@@ -201,8 +204,25 @@ class RunConfig(Section):
             raise ValueError("train.mixed_precision fp16 needs GPUs (scale.use_gpu: true); on CPU use bf16 or no")
         if scale.strategy == "fsdp" and train.method != "full":
             raise ValueError(f"scale.strategy fsdp shards full fine-tuning; train.method is {train.method} (use ddp)")
+        if scale.strategy == "fsdp" and not scale.use_gpu:
+            raise ValueError(
+                "scale.strategy fsdp needs GPUs (scale.use_gpu: true): accelerate shards only on GPU backends"
+            )
+        if train.method == "full" and self.model.dtype != "float32":
+            raise ValueError(
+                "train.method full needs model.dtype float32 (fp32 master weights: AdamW updates are lost to "
+                "rounding in 16-bit weights); add train.mixed_precision bf16 for 16-bit speed"
+            )
         if train.objective == "pretrain" and self.data.format not in ("auto", "text"):
             raise ValueError(f"train.objective pretrain trains on raw text; data.format is {self.data.format}")
+        if train.objective == "dpo" and train.neftune_alpha:
+            raise ValueError("train.neftune_alpha does not apply to dpo: the noise would also hit the reference pass")
+        if self.dpo.label_smoothing and self.dpo.loss_type != "robust":
+            raise ValueError(f"dpo.label_smoothing is used by loss_type robust only (loss_type is {self.dpo.loss_type})")
+        if train.eval_steps and not self.has_eval:
+            raise ValueError("train.eval_steps needs eval data: set data.eval_files or data.eval_fraction")
+        if self.name == "mlruns":
+            raise ValueError("name 'mlruns' is reserved for the MLflow store in output_dir")
         return self
 
     @property

@@ -1,10 +1,11 @@
 """FSDP full fine-tuning with finch's trainer wiring, on two CPU processes (gloo).
 
 accelerate 1.15 enables FSDP only on accelerator backends: on CPU/gloo it silently trains plain
-DDP. finch refuses that (build_trainer raises), which the first test checks. The second test
-lifts accelerate's restriction inside the test processes only (`allow_cpu_fsdp`) to run finch's
-real FSDP arguments end to end: weights sharded across the two ranks, the final save gathered
-into one loadable model, identical to what DDP trains.
+DDP. finch's config refuses FSDP without GPUs, and build_trainer refuses to go on when accelerate
+did not enable it; the tests set the strategy past the config check to check the second
+guard, then lift accelerate's restriction inside the test processes only (`allow_cpu_fsdp`) to run
+finch's real FSDP arguments end to end: weights sharded across the two ranks, the final save
+gathered into one loadable model, identical to what DDP trains.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def run_rank(rank: int, port: int, tmp: str, model_dir: str, strategy: str, patc
         run_config_dict(
             Path(tmp), Path(model_dir), ["unused.jsonl"],
             train={"method": "full", "max_steps": 3, "batch_size": 1, "lr": 1e-2, "save_steps": 1000},
-            scale={"num_workers": 2, "strategy": strategy},
+            scale={"num_workers": 2},
         )
     )
+    config.scale.strategy = strategy  # past the config's GPU check, which refuses FSDP on CPU
     torch.manual_seed(0)
     model = load_trainable_model(config, model_dir)
     try:

@@ -81,7 +81,7 @@ def test_interrupted_run_continues_with_resume(ray_local, tiny_model_dir, tmp_pa
     with pytest.raises(RunExistsError, match="--resume"):
         train(config)
     changed = validate_config({**config.model_dump(mode="json"), "data": {**config.data.model_dump(), "max_length": 64}})
-    with pytest.raises(RunExistsError, match="data config differs"):
+    with pytest.raises(RunExistsError, match="changed since the interrupted run: data.max_length"):
         train(changed, resume=True)
 
     # what `finch train --resume RUN_FOLDER` does: the config comes from the run folder

@@ -32,7 +32,7 @@ def preference_rows(count: int, max_length: int) -> list[dict]:
     return rows
 
 
-def dpo_history(tmp_path, model_dir, method: str, steps: int) -> list[dict]:
+def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 1000, output: str = "hf"):
     config = validate_config(
         run_config_dict(
             tmp_path,
@@ -40,16 +40,36 @@ def dpo_history(tmp_path, model_dir, method: str, steps: int) -> list[dict]:
             ["unused.jsonl"],
             data={"eval_fraction": 0.25, "max_length": 256},
             train={"objective": "dpo", "method": method, "max_steps": steps, "lr": 5e-3, "batch_size": 4,
-                   "eval_steps": steps, "save_steps": 1000},
+                   "eval_steps": steps, "save_steps": save_steps},
             dpo={"beta": 0.1},
         )
     )
     rows = preference_rows(16, max_length=256)
     torch.manual_seed(0)
     model = load_trainable_model(config, str(model_dir))
-    trainer = build_trainer(config, model, make_tokenizer(), rows[:12], rows[12:], str(tmp_path / "hf"))
+    return build_trainer(config, model, make_tokenizer(), rows[:12], rows[12:], str(tmp_path / output))
+
+
+def dpo_history(tmp_path, model_dir, method: str, steps: int) -> list[dict]:
+    trainer = dpo_trainer(tmp_path, model_dir, method, steps)
     trainer.train()
     return trainer.state.log_history
+
+
+def adapter_weights(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_resumed_lora_dpo_continues_the_trained_adapter(tmp_path, tiny_model_dir):
+    straight = dpo_trainer(tmp_path, tiny_model_dir, "lora", steps=4, save_steps=2, output="a")
+    assert set(straight.model.peft_config) == {"default"}  # the reference is the disabled adapter, no copy
+    straight.train()
+    resumed = dpo_trainer(tmp_path, tiny_model_dir, "lora", steps=4, save_steps=2, output="b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    expected, actual = adapter_weights(straight), adapter_weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

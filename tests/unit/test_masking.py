@@ -42,11 +42,16 @@ def test_raw_text_trains_on_every_token_plus_eos(tokenizer):
 
 def test_pretraining_text_is_chunked_not_truncated(tokenizer):
     text = " ".join(f"word{i}" for i in range(400))
-    whole = tokenize_sample({"text": text}, "chat", tokenizer, 100_000)
+    whole = tokenize_sample({"text": text}, "chat", tokenizer, 100_000).input_ids
     chunks = tokenize_text_chunks(text, tokenizer, 64)
     assert len(chunks) > 2 and all(len(c.input_ids) <= 64 and not c.truncated for c in chunks)
-    assert [t for c in chunks for t in c.input_ids] == whole.input_ids  # nothing lost, EOS at the end
-    assert all(c.labels == c.input_ids for c in chunks)
+    # consecutive chunks overlap by one token, which is context only in the later chunk
+    assert chunks[0].input_ids + [t for c in chunks[1:] for t in c.input_ids[1:]] == whole
+    assert chunks[0].labels == chunks[0].input_ids
+    assert all(c.labels == [IGNORE_INDEX] + c.input_ids[1:] for c in chunks[1:])
+    # every token after the first is a next-token target exactly once (a label at position > 0)
+    targets = [t for c in chunks for t, label in zip(c.input_ids[1:], c.labels[1:]) if label != IGNORE_INDEX]
+    assert targets == whole[1:]
 
 
 def test_truncation_keeps_the_head_and_flags_it(tokenizer):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from finch.data.tokenization import IGNORE_INDEX, tokenize_preference, tokenize_
 PACK_GROUP_EXAMPLES = 2048  # examples packed together; larger groups fill rows better
 # The sample kinds (formats.kind_of) each training objective can use.
 OBJECTIVE_KINDS = {"sft": ("conversation", "text"), "pretrain": ("text",), "dpo": ("preference",)}
-STAT_COLUMNS = ["length", "truncated", "trainable"]
+STAT_COLUMNS = ["length", "truncated", "trainable", "source"]
 ROW_COLUMNS = {
     "sft": ["input_ids", "labels"],
     "pretrain": ["input_ids", "labels"],
@@ -67,7 +68,7 @@ def prepare_datasets(data: DataConfig, tokenizer_path: str, objective: str = "sf
     if data.eval_files:
         eval_examples = _with_answers(tokenize(data.eval_files), data.eval_files)
     elif data.eval_fraction:
-        examples, eval_examples = examples.train_test_split(test_size=data.eval_fraction, shuffle=True, seed=data.seed)
+        examples, eval_examples = hold_out(examples, data, by_document=objective == "pretrain")
     pad_id = load_tokenizer(tokenizer_path).pad_token_id
     train = to_rows(examples, data, pad_id, objective)
     stats.update(row_stats(train, data.max_length))
@@ -92,6 +93,20 @@ def tokenize_files(
     if examples.count() == 0:
         raise DatasetError(f"no examples in {', '.join(files)}: the files hold no rows")
     return examples
+
+
+def hold_out(examples: ray.data.Dataset, data: DataConfig, by_document: bool) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """Split off data.eval_fraction for eval. Pre-training chunks of one document stay on one
+    side (by_document), or eval would score text the model trained on."""
+    if not by_document:
+        return examples.train_test_split(test_size=data.eval_fraction, shuffle=True, seed=data.seed)
+    documents = sorted(examples.unique("source"))
+    if len(documents) < 2:
+        raise DatasetError("data.eval_fraction needs at least 2 documents to hold some out; set data.eval_files")
+    count = min(len(documents) - 1, max(1, round(len(documents) * data.eval_fraction)))
+    held_out = set(random.Random(data.seed).sample(documents, count))
+    eval_examples = examples.filter(lambda row: row["source"] in held_out).materialize()
+    return examples.filter(lambda row: row["source"] not in held_out).materialize(), eval_examples
 
 
 def _with_answers(examples: ray.data.Dataset, files: list[str]) -> ray.data.Dataset:
@@ -174,7 +189,7 @@ def _tokenize_batch(
         except DatasetError as err:
             raise DatasetError(f"{source}: {err}") from None
         for example in examples:
-            for column, value in example.items():
+            for column, value in {**example, "source": source}.items():
                 out[column].append(value)
     return pd.DataFrame(out)
 

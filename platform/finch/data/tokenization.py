@@ -50,12 +50,18 @@ def tokenize_sample(sample: dict[str, Any], template: str, tokenizer: Any, max_l
 
 def tokenize_text_chunks(text: str, tokenizer: Any, max_length: int) -> list[TokenizedExample]:
     """Continued pre-training: a whole document (BOS/EOS as the tokenizer adds them), every token
-    a label, cut into max_length chunks so that nothing of a long document is thrown away."""
-    full = tokenize_segments([Segment(text, trainable=True, eos_after=True)], tokenizer, sys.maxsize)
-    return [
-        TokenizedExample(full.input_ids[start : start + max_length], full.labels[start : start + max_length], False)
-        for start in range(0, len(full.input_ids), max_length)
-    ]
+    a label, cut into max_length chunks so that nothing of a long document is thrown away.
+
+    Chunks overlap by one token: a chunk's first token has no context in its row, so it is the
+    previous chunk's last target and here only context (masked), and every token is predicted once.
+    """
+    ids = tokenize_segments([Segment(text, trainable=True, eos_after=True)], tokenizer, sys.maxsize).input_ids
+    chunks = []
+    for start in range(0, max(1, len(ids) - 1), max_length - 1):
+        chunk = ids[start : start + max_length]
+        labels = ([IGNORE_INDEX] + chunk[1:]) if start else list(chunk)
+        chunks.append(TokenizedExample(chunk, labels, False))
+    return chunks
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """DPO with TRL's `DPOTrainer` on preference pairs that finch already tokenized.
 
-The reference model: with LoRA/QLoRA it is the base with the adapter disabled (TRL does this
-for PEFT models, so no second copy is held); with full fine-tuning a frozen copy of the base.
-TRL turns dropout off (its `disable_dropout` default) so policy and reference agree at the
-start, which is what makes the first loss exactly ln 2 for the sigmoid loss.
+The reference model: with LoRA/QLoRA it is the base with the adapter disabled (no second copy
+is held); with full fine-tuning a frozen copy of the base. TRL turns all dropout off (its
+`disable_dropout` default, so lora.dropout and model.dropout do not apply) so that policy and
+reference agree at the start, which is what makes the first loss exactly ln 2 for the sigmoid loss.
 """
 
 from __future__ import annotations
@@ -14,12 +14,27 @@ from trl import DPOConfig, DPOTrainer
 
 from finch.config import RunConfig
 from finch.models.loading import load_base_model
-from finch.train.trainers import LayerwiseLrDecay, PerplexityLogging, hf_arguments
+from finch.train.trainers import LayerwiseLrDecay, hf_arguments
 
 
-class PretokenizedDPOTrainer(PerplexityLogging, LayerwiseLrDecay, DPOTrainer):
+class PretokenizedDPOTrainer(LayerwiseLrDecay, DPOTrainer):
     """Rows arrive as prompt_ids/chosen_ids/rejected_ids, rendered by finch's templates exactly
     like SFT data and inference prompts; TRL's own preparation would re-render them from text."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "ref" in getattr(self.model, "peft_config", {}):
+            # TRL copies a PEFT model's adapter into a frozen "ref" adapter. For finch's fresh adapter
+            # that equals the disabled adapter, and the copy breaks resume: HF Trainer then restores
+            # only the "ref" subfolder of a checkpoint and leaves the trained adapter at its init.
+            self.model.delete_adapter("ref")
+            self.model.set_adapter("default")
+        if getattr(self.model, "is_loaded_in_4bit", False):
+            # TRL casts QLoRA adapters to bf16; finch keeps them fp32 as in QLoRA SFT, since small
+            # DPO-sized updates are lost to bf16 rounding.
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset

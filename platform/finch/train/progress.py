@@ -65,7 +65,7 @@ class TrainingProgress:
                 return fit()
             finally:
                 self._done.set()
-                watcher.join(timeout=30)
+                watcher.join()  # it drains what is queued, then stops
                 self.queue.shutdown()
 
     def _watch(self, progress: Progress, task: Any, live: bool) -> None:
@@ -76,9 +76,12 @@ class TrainingProgress:
                 if self._done.is_set():
                     return
                 continue
-            self._show(metrics, progress, task, live)
-            for tracker in self.trackers:
-                tracker.log_metrics(metrics)
+            try:
+                self._show(metrics, progress, task, live)
+                for tracker in self.trackers:
+                    tracker.log_metrics(metrics)
+            except Exception as err:  # a tracking server hiccup must not end progress or training
+                self.console.print(f"[yellow]finch: could not show or track step {metrics.get('step')}: {err}[/]")
 
     def _show(self, metrics: dict[str, Any], progress: Progress, task: Any, live: bool) -> None:
         step, total = metrics.get("step", 0), metrics.get("max_steps")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import shutil
@@ -18,10 +19,26 @@ from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish
 from finch.runtime import init_ray
 from finch.train.plots import plot_loss
 from finch.train.progress import TrainingProgress
-from finch.train.tracking import MlflowTracker
+from finch.train.tracking import MlflowTracker, flatten
 from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, last_values, train_loop_per_worker
 
 console = Console()
+
+
+# What a checkpoint's weights, optimizer state and data position depend on.
+RESUME_MUST_MATCH = (
+    "model.",
+    "data.",
+    "lora.",
+    "qlora.",
+    "train.method",
+    "train.objective",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.layer_lr_decay",
+    "scale.num_workers",
+    "scale.strategy",
+)
 
 
 class RunExistsError(FileExistsError):
@@ -41,7 +58,8 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
         entry = register(config, model_path, data, final_checkpoint, run_dir)
     except BaseException:
         if tracker:
-            tracker.finish([], failed=True)
+            with contextlib.suppress(Exception):  # the training error is the one to report
+                tracker.finish([], failed=True)
         raise
     if tracker:
         tracker.finish([run_dir / "loss.png", run_dir / "config.json"])
@@ -79,8 +97,8 @@ def load_run_config(run_folder: str | Path, overrides: list[str] | None = None) 
     folder = Path(run_folder).resolve()
     if not (folder / "config.json").is_file():
         raise ConfigError(f"--resume {run_folder}: not a finch run folder (no config.json in {folder})")
-    base = json.loads((folder / "config.json").read_text())
-    config = load_config(base=base, overrides=[*(overrides or []), f"output_dir={folder.parent}"])
+    base = {**json.loads((folder / "config.json").read_text()), "output_dir": str(folder.parent)}
+    config = load_config(base=base, overrides=overrides)
     if config.name != folder.name:
         raise ConfigError(f"--resume {run_folder}: the run is named {config.name!r}, not {folder.name!r}")
     return config
@@ -94,11 +112,11 @@ def check_resumable(config: RunConfig) -> None:
         raise RunExistsError(f"nothing to resume: {run_dir} holds no checkpoint")
     if (run_dir / FINAL_CHECKPOINT).exists():
         raise RunExistsError(f"run {config.name} already finished; its adapter is in {config.registry_dir}/{config.name}")
-    saved = json.loads((run_dir / "config.json").read_text())
-    current = dump_config(config)
-    changed = [section for section in ("model", "data", "lora") if saved.get(section) != current[section]]
+    saved = flatten(json.loads((run_dir / "config.json").read_text()))
+    current = flatten(dump_config(config))
+    changed = [key for key in current if key.startswith(RESUME_MUST_MATCH) and saved.get(key) != current[key]]
     if changed:
-        raise RunExistsError(f"cannot resume {config.name}: its {', '.join(changed)} config differs from the interrupted run")
+        raise RunExistsError(f"cannot resume {config.name}: changed since the interrupted run: {', '.join(changed)}")
 
 
 def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=None):
@@ -119,7 +137,7 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=N
             name=config.name,
             storage_path=str(config.run_dir.parent),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
-            # A failed worker restarts the group from the last checkpoint (see worker.restore_latest_checkpoint).
+            # A failed worker restarts the group from the last checkpoint (see worker.latest_checkpoint).
             failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             # Without this Ray Train echoes every print of a worker twice (its logger and stdout).

@@ -30,9 +30,7 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.uri = uri
         id_file = config.run_dir / RUN_ID_FILE
-        if resume and id_file.exists():
-            self.run_id = id_file.read_text().strip()
-            self.client.update_run(self.run_id, status="RUNNING")
+        if resume and id_file.exists() and self._reopen(id_file.read_text().strip()):
             return
         experiment = self.client.get_experiment_by_name(config.tracking.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.tracking.experiment)
@@ -44,6 +42,17 @@ class MlflowTracker:
         self.run_id = run.info.run_id
         id_file.write_text(self.run_id)
         self.log_params(dump_config(config))
+
+    def _reopen(self, run_id: str) -> bool:
+        """Continue the MLflow run of an interrupted finch run, if this store still has it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            return False
+        self.run_id = run_id
+        return True
 
     def log_params(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param

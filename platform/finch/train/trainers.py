@@ -88,8 +88,8 @@ def fsdp_arguments(config: RunConfig) -> dict[str, Any]:
 
 
 class LayerwiseLrDecay:
-    """Trainer mixin: when train.layer_lr_decay is set, each transformer block trains at
-    lr * decay^(blocks above it); embeddings below block 0, the head and final norm at lr.
+    """Trainer mixin: when train.layer_lr_decay is set, the head and final norm train at lr, the
+    top block at lr * decay, each block below at decay times the one above, embeddings lowest.
 
     HF Trainer builds one group per weight-decay setting; this splits those groups per layer
     before the first step, so every other optimizer setting (class, betas, FSDP wrapping) stays HF's.
@@ -98,8 +98,9 @@ class LayerwiseLrDecay:
     layer_lr_decay: float | None = None
 
     def create_optimizer(self, model=None):
+        already_built = self.optimizer is not None  # HF returns the existing optimizer on later calls
         optimizer = super().create_optimizer(model)
-        if not self.layer_lr_decay:
+        if not self.layer_lr_decay or already_built:
             return optimizer
         opt_model = self.model if model is None else model
         names = {id(p): n for n, p in opt_model.named_parameters()}
@@ -112,6 +113,8 @@ class LayerwiseLrDecay:
                 by_scale.setdefault(self.layer_lr_decay ** (num_layers + 1 - depth), []).append(param)
             settings = {k: v for k, v in group.items() if k != "params"}
             groups += [{**settings, "params": ps, "lr": group["lr"] * scale} for scale, ps in by_scale.items()]
+        # Highest lr first: HF logs the first group's learning rate.
+        groups.sort(key=lambda group: -group["lr"])
         optimizer.param_groups = []
         for group in groups:
             optimizer.add_param_group(group)

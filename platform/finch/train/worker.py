@@ -7,10 +7,13 @@ This module is the Ray glue: rows in, metrics and checkpoints out, restore after
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,9 @@ class RayReportCallback(TrainerCallback):
         ray.train.report(
             metrics={"step": state.global_step}, checkpoint=checkpoint, checkpoint_dir_name=folder.name
         )
+        if not state.is_world_process_zero:
+            # HF rotates old checkpoints on rank 0 only; the other ranks' copies are in Ray's storage now.
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -81,28 +87,29 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     set_seed(config.train.seed)  # LoRA init (and dropout) must not depend on what ran before in this process
     model = load_trainable_model(config, payload["model_path"])
     # HF checkpoints are scratch: each one is copied into Ray's storage as it is saved.
-    with tempfile.TemporaryDirectory(prefix="finch-hf-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="finch-hf-") as scratch, latest_checkpoint() as resume_from:
         trainer = build_trainer(config, model, tokenizer, train_rows, eval_rows, scratch)
         trainer.add_callback(RayReportCallback(payload.get("progress_queue")))
         trainer.remove_callback(PrinterCallback)  # the driver shows progress instead
-        trainer.train(resume_from_checkpoint=restore_latest_checkpoint(scratch))
+        trainer.train(resume_from_checkpoint=resume_from)
         report_final(trainer, tokenizer)
 
 
-def restore_latest_checkpoint(scratch: str) -> str | None:
-    """The checkpoint to resume from, copied into the HF scratch folder, or None for a new run.
+@contextlib.contextmanager
+def latest_checkpoint() -> Iterator[str | None]:
+    """The folder of the checkpoint to resume from, or None for a new run.
 
     Ray hands back the last reported checkpoint after a worker failure (FailureConfig) and when
     a run is started again under the same name (`finch train --resume`). HF Trainer then
-    restores adapter weights, optimizer, scheduler, RNG state and the step, and skips the
-    batches the checkpoint had already consumed, so no step is trained or counted twice.
+    restores the weights, optimizer, scheduler, RNG state and the step, and skips the batches
+    the checkpoint had already consumed, so no step is trained or counted twice.
     """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
-    folder = Path(scratch) / Path(checkpoint.path).name
-    checkpoint.to_directory(str(folder))
-    return str(folder)
+        yield None
+        return
+    with checkpoint.as_directory() as folder:  # local storage: no copy
+        yield folder
 
 
 def torch_threads(config: RunConfig) -> int:
@@ -130,6 +137,8 @@ def save_final(trainer: Trainer, tokenizer: Any, folder: str) -> None:
     folder), plus the log history. Every rank must call it: under FSDP they gather the weights."""
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if not is_peft(trainer.model):
+        trainer.model.config.use_cache = True  # off only for packed training (models/loading.py)
     trainer.save_model(folder)  # writes on rank 0 only
     if not trainer.is_world_process_zero():
         return
