@@ -40,7 +40,7 @@ def make_tokenizer(chat_template: bool = True):
     return tokenizer
 
 
-def make_tiny_model_dir(path: Path, chat_template: bool = True, seed: int = 0) -> Path:
+def make_tiny_model_dir(path: Path, chat_template: bool = True, seed: int = 0, head_dim: int | None = None) -> Path:
     """A 2-layer random Llama (about 0.3M parameters) saved as a normal HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,6 +58,7 @@ def make_tiny_model_dir(path: Path, chat_template: bool = True, seed: int = 0) -
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
+        head_dim=head_dim or 16,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -74,6 +75,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_plain_model_dir(tmp_path_factory) -> Path:
     """Same model, no chat template: finch must fall back to the plain alpaca template."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-plain"), chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_serving_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with 32-wide attention heads: vLLM's CPU attention has no kernel for 16."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-serving"), head_dim=32)
 
 
 @pytest.fixture

