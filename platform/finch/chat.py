@@ -27,6 +27,23 @@ BASE = "base"
 console = Console()
 
 
+def merge_stop_ids(tokenizer: Any, configured: int | list[int] | None) -> list[int]:
+    """The tokenizer's EOS plus the model's own stop tokens (e.g. end-of-turn tokens)."""
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *(t for t in configured if t is not None)})
+
+
+def stop_token_ids(model_folder: str, tokenizer: Any) -> list[int]:
+    """merge_stop_ids for a model folder, read from its generation_config.json when it has one."""
+    from transformers import GenerationConfig
+
+    try:
+        configured = GenerationConfig.from_pretrained(model_folder).eos_token_id
+    except OSError:
+        configured = None
+    return merge_stop_ids(tokenizer, configured)
+
+
 @dataclass
 class ChatSession:
     model: Any  # the base model, with every LoRA adapter loaded when there are any
@@ -88,10 +105,7 @@ class ChatSession:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """The tokenizer's EOS plus the model's own stop tokens (e.g. end-of-turn tokens)."""
-        configured = self.model.generation_config.eos_token_id
-        configured = configured if isinstance(configured, list) else [configured]
-        return sorted({self.tokenizer.eos_token_id, *(t for t in configured if t is not None)})
+        return merge_stop_ids(self.tokenizer, self.model.generation_config.eos_token_id)
 
     def _generate(self, model: Any, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         with torch.inference_mode():

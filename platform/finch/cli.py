@@ -1,4 +1,4 @@
-"""`finch` command line: data inspect, train, chat."""
+"""`finch` command line: data inspect, train, serve, chat."""
 
 from __future__ import annotations
 
@@ -66,6 +66,20 @@ def train(
         else:
             config = load_config(config_path, overrides)
         run_training(config, overwrite=overwrite, resume=resume is not None)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def serve(config_path: ConfigArg, overrides: OverridesArg = None) -> None:
+    """Serve the base model and registry adapters: OpenAI-compatible API on Ray Serve + vLLM."""
+    from finch.config import ServeConfig
+
+    try:
+        config = load_config(config_path, overrides, schema=ServeConfig)
+        from finch.serve.app import run
+
+        run(config)
     except USER_ERRORS as err:
         _fail(err)
 

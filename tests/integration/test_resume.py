@@ -36,7 +36,11 @@ def gsm8k_config(tmp_path: Path, model_dir: Path, **scale):
 def kill_worker_once_checkpoint_exists(run_dir: Path, checkpoint: str) -> tuple[threading.Thread, list[int]]:
     """SIGKILL the training worker process as soon as `checkpoint` is persisted; returns the
     thread and the list it fills with the killed pids."""
+    import ray
     from ray.util.state import list_actors
+
+    # This cluster's address: without it the state API refuses when another Ray runs on the machine.
+    address = ray.get_runtime_context().gcs_address
 
     def killer():
         deadline = time.monotonic() + 300
@@ -44,7 +48,7 @@ def kill_worker_once_checkpoint_exists(run_dir: Path, checkpoint: str) -> tuple[
             if time.monotonic() > deadline:
                 return
             time.sleep(0.2)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         for worker in workers:
             os.kill(worker["pid"], signal.SIGKILL)
             killed.append(worker["pid"])

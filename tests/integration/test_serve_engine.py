@@ -18,7 +18,8 @@ import torch
 
 from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import publish, resolve_adapter
-from finch.serve.engine import AdapterRefused, EngineSettings, ServingEngine
+from finch.config import EngineConfig
+from finch.serve.engine import AdapterRefused, ServingEngine
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 12
@@ -77,10 +78,10 @@ def served(tmp_path_factory, tiny_serving_model_dir):
     adapters = {name: make_adapter(tiny_serving_model_dir, tmp / name, seed) for name, seed in (("a1", 1), ("a2", 2), ("a1v2", 3))}
     register(registry, "a1", adapters["a1"], tiny_serving_model_dir)
     register(registry, "a2", adapters["a2"], tiny_serving_model_dir)
-    settings = EngineSettings(str(tiny_serving_model_dir), dtype="float32", max_loras=2, max_lora_rank=8, max_model_len=256)
+    settings = EngineConfig(dtype="float32", max_loras=2, max_lora_rank=8, max_model_len=256)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # vLLM's client and asyncio.gather below bind to the current loop
-    engine = ServingEngine.start(settings, registry, tmp / "zero")
+    engine = ServingEngine.start(settings, str(tiny_serving_model_dir), registry, tmp / "zero")
     loop.run_until_complete(engine.warm_up())
     yield engine, loop, registry, adapters, tmp
     engine.shutdown()

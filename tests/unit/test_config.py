@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finch.config import ConfigError, load_config
+from finch.config import ConfigError, ServeConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "demo", "model": {"path": "some/model"}, "data": {"train_files": ["a.jsonl"]}}
@@ -70,6 +70,12 @@ def test_eval_files_and_fraction_are_exclusive(tmp_path):
 def test_every_shipped_run_config_validates(path):
     config = load_config(path)
     assert all((REPO / f).exists() for f in config.data.train_files + config.data.eval_files)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "serve").glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_serve_config_validates(path):
+    config = load_config(path, schema=ServeConfig)
+    assert config.server.host == "127.0.0.1" or config.server.api_key_env
 
 
 def test_unparseable_override_and_cross_field_errors_read_cleanly(tmp_path):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finch.config import EngineConfig
 from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
 
@@ -34,18 +35,6 @@ SERVABLE_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 class AdapterRefused(RegistryError):
     """An adapter this engine cannot serve; the message says why (a 4xx for HTTP clients)."""
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    model_path: str
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    max_loras: int = 4  # adapters in one batch (one slot goes to the zero adapter)
-    max_lora_rank: int = 64
-    max_cpu_loras: int = 16  # adapters kept loaded
-    kv_cache_gib: int = 1  # CPU only: the KV cache size
-    gpu_memory_utilization: float = 0.9
 
 
 @dataclass
@@ -64,7 +53,7 @@ class ServedAdapter:
 
 @dataclass
 class ServingEngine:
-    settings: EngineSettings
+    settings: EngineConfig
     registry_dir: Path
     engine: Any
     base_fingerprint: str
@@ -73,14 +62,16 @@ class ServingEngine:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
-    def start(cls, settings: EngineSettings, registry_dir: str | Path, zero_adapter_dir: str | Path) -> ServingEngine:
+    def start(
+        cls, settings: EngineConfig, model_path: str, registry_dir: str | Path, zero_adapter_dir: str | Path
+    ) -> ServingEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
         os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
         args = AsyncEngineArgs(
-            model=settings.model_path,
+            model=model_path,
             dtype=settings.dtype,
             enable_lora=True,
             max_loras=settings.max_loras,
@@ -91,8 +82,8 @@ class ServingEngine:
             trust_remote_code=False,
             disable_log_stats=True,
         )
-        engine = cls(settings, Path(registry_dir).resolve(), AsyncLLM.from_engine_args(args), fingerprint_model_folder(settings.model_path))
-        zero = write_zero_adapter(settings.model_path, Path(zero_adapter_dir))
+        engine = cls(settings, Path(registry_dir).resolve(), AsyncLLM.from_engine_args(args), fingerprint_model_folder(model_path))
+        zero = write_zero_adapter(model_path, Path(zero_adapter_dir))
         engine.adapters[ZERO_ADAPTER] = ServedAdapter(ZERO_ADAPTER, None, next(engine._ids), str(zero))
         return engine
 

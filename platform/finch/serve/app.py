@@ -1,0 +1,96 @@
+"""`finch serve`: the Ray Serve application around finch's vLLM engine and OpenAI-compatible API.
+
+One deployment, its own `@serve.deployment` around vLLM's async engine (Ray's `ray.serve.llm`
+needs the CUDA vLLM build and cloud-storage adapter paths; see DESIGN.md). Each replica holds the
+base model and loads registry adapters on demand from the admin routes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from finch.config import ConfigError, ServeConfig, validate_config
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ZERO_ADAPTER_CACHE = Path(os.environ.get("FINCH_CACHE_DIR", Path.home() / ".cache" / "finch")) / "zero-adapters"
+
+
+@serve.ingress()
+class FinchServer:
+    """A replica: the engine plus the FastAPI app, which Ray Serve drives as its ASGI ingress."""
+
+    def __init__(self, config: dict[str, Any], model_path: str, api_key: str | None):
+        from finch.chat import stop_token_ids
+        from finch.data.pipeline import load_tokenizer
+        from finch.data.templates import resolve_template
+        from finch.serve.engine import ServingEngine
+        from finch.serve.openai_api import ApiState, build_api
+
+        self.config = validate_config(config, schema=ServeConfig)
+        self.engine = ServingEngine.start(self.config.engine, model_path, self.config.registry_dir, ZERO_ADAPTER_CACHE)
+        tokenizer = load_tokenizer(model_path)
+        state = ApiState(
+            config=self.config,
+            engine=self.engine,
+            tokenizer=tokenizer,
+            base_template=resolve_template(self.config.template, tokenizer),
+            stop_token_ids=stop_token_ids(model_path, tokenizer),
+            api_key=api_key,
+        )
+        self.api = build_api(state, on_startup=self.load_adapters)
+
+    async def load_adapters(self) -> None:
+        """Runs at app startup, in the replica's event loop, where vLLM's client lives."""
+        await self.engine.warm_up()
+        for ref in self.config.adapters:
+            await self.engine.load(ref)
+
+    def __serve_build_asgi_app__(self):
+        return self.api
+
+
+def build_application(config: ServeConfig, model_path: str) -> Any:
+    server = config.server
+    api_key = os.environ.get(server.api_key_env) or None
+    if server.host not in LOOPBACK and api_key is None:
+        raise ConfigError(
+            f"server.host {server.host} exposes the API beyond this machine: set an API key in ${server.api_key_env}"
+        )
+    deployment = serve.deployment(FinchServer).options(
+        name="finch",
+        num_replicas=server.num_replicas,
+        max_ongoing_requests=server.max_ongoing_requests,
+        max_queued_requests=server.max_queued_requests,
+        ray_actor_options={
+            "num_cpus": server.cpus_per_replica,
+            "num_gpus": server.gpus_per_replica,
+            "runtime_env": {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
+        },
+    )
+    return deployment.bind(config.model_dump(mode="json"), model_path, api_key)
+
+
+def run(config: ServeConfig, blocking: bool = True) -> str:
+    """Start Ray Serve on config.server.host:port and deploy; returns the base URL."""
+    from finch.models.loading import resolve_model_path
+    from finch.runtime import init_ray
+
+    model_path = resolve_model_path(config.model.path)
+    application = build_application(config, model_path)
+    init_ray()
+    serve.start(http_options={"host": config.server.host, "port": config.server.port, "request_timeout_s": config.server.request_timeout_s})
+    serve.run(application, name=config.name, route_prefix="/")
+    url = f"http://{config.server.host}:{config.server.port}"
+    if blocking:
+        print(f"finch: serving on {url} (OpenAI API at {url}/v1); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url

@@ -1,0 +1,283 @@
+"""The OpenAI-compatible HTTP API over a `ServingEngine`: /v1/models, /v1/chat/completions,
+/v1/completions (plain and SSE streaming), admin routes to load/reload/unload adapters, /health.
+
+Chat prompts are rendered with the template each adapter was trained with (its manifest), via
+the same code that built its training rows, so served prompt ids equal training ids. Errors are
+OpenAI-style JSON: {"error": {"message", "type", "code"}} with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from finch.config import ServeConfig
+from finch.data.tokenization import prompt_token_ids
+from finch.registry.store import RegistryError
+from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, ServingEngine
+
+BASE_MODEL = "base"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.code = status, kind, code
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    # OpenAI clients send fields finch has no use for (logprobs: false, ...): ignore those.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: Literal[1] = 1
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: str = Field(description="Registry reference: name (latest) or name@vN.")
+    name: str | None = Field(None, description="Serve it under this name (default: its registry name).")
+
+
+@dataclass
+class ApiState:
+    config: ServeConfig
+    engine: ServingEngine
+    tokenizer: Any
+    base_template: str
+    stop_token_ids: list[int]
+    api_key: str | None
+
+
+def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if on_startup is not None:
+            await on_startup()
+        yield
+
+    app = FastAPI(title="finch", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err.status, str(err), err.kind, err.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in err.errors())
+        return error_response(422, problems or "invalid request", "invalid_request_error", "invalid_parameters")
+
+    def authorized(request: Request) -> None:
+        if state.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key")
+
+    guarded = [Depends(authorized)]
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        served = [BASE_MODEL] + [name for name in state.engine.adapters if name != ZERO_ADAPTER]
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "finch"} for m in served]}
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatRequest):
+        adapter = resolve_model(state, body.model)
+        messages = [m.model_dump() for m in body.messages]
+        system_prompt = training_system_prompt(state, adapter)
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        try:
+            ids = prompt_token_ids(messages, state.tokenizer, template_of(state, adapter))
+        except Exception as err:  # a conversation the template cannot render
+            raise ApiError(400, f"cannot render these messages: {err}") from None
+        return await respond(state, body, adapter, ids, chat=True)
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest):
+        adapter = resolve_model(state, body.model)
+        ids = state.tokenizer(body.prompt)["input_ids"]
+        return await respond(state, body, adapter, ids, chat=False)
+
+    @app.get("/admin/adapters", dependencies=guarded)
+    async def list_served() -> dict[str, Any]:
+        return {"adapters": [describe(a) for n, a in state.engine.adapters.items() if n != ZERO_ADAPTER]}
+
+    @app.post("/admin/adapters", dependencies=guarded)
+    async def load_adapter(body: LoadRequest) -> dict[str, Any]:
+        try:
+            return describe(await state.engine.load(body.adapter, body.name))
+        except AdapterRefused as err:
+            raise ApiError(409, str(err), code="adapter_refused") from None
+        except RegistryError as err:
+            raise ApiError(404, str(err), code="adapter_not_found") from None
+
+    @app.delete("/admin/adapters/{name}", dependencies=guarded)
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        try:
+            return describe(await state.engine.unload(name))
+        except RegistryError as err:
+            raise ApiError(404, str(err), code="adapter_not_found") from None
+
+    return app
+
+
+def error_response(status: int, message: str, kind: str, code: str | None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
+
+
+def describe(adapter: Any) -> dict[str, Any]:
+    return {"name": adapter.name, "ref": adapter.ref, "path": adapter.path, "running": adapter.running}
+
+
+def resolve_model(state: ApiState, model: str) -> str | None:
+    """The served adapter name a request's `model` names (None: the base model)."""
+    if model in (BASE_MODEL, state.config.model.path):
+        return None
+    name, _, version = model.partition("@")
+    adapter = state.engine.adapters.get(name) if name != ZERO_ADAPTER else None
+    if adapter is None:
+        raise ApiError(404, f"model {model!r} is not served; GET /v1/models lists what is", code="model_not_found")
+    if version and version.lstrip("v") != str(adapter.entry.version):
+        raise ApiError(404, f"model {model!r}: this server has {adapter.ref} loaded as {name!r}", code="model_not_found")
+    return name
+
+
+def template_of(state: ApiState, adapter: str | None) -> str:
+    return state.engine.adapters[adapter].entry.manifest["template"] if adapter else state.base_template
+
+
+def training_system_prompt(state: ApiState, adapter: str | None) -> str | None:
+    if adapter is None:
+        return None
+    return state.engine.adapters[adapter].entry.manifest.get("config", {}).get("data", {}).get("system_prompt")
+
+
+def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    limits = state.config
+    room = limits.engine.max_model_len - prompt_length
+    if room <= 0:
+        raise ApiError(400, f"prompt is {prompt_length} tokens; this server takes at most {limits.engine.max_model_len - 1}", code="context_length_exceeded")
+    requested = body.max_completion_tokens or body.max_tokens
+    if requested is not None and requested > limits.server.max_tokens_limit:
+        raise ApiError(422, f"max_tokens {requested} is above this server's limit of {limits.server.max_tokens_limit}", code="invalid_parameters")
+    if requested is not None and requested > room:
+        raise ApiError(400, f"prompt ({prompt_length}) + max_tokens ({requested}) exceed the context of {limits.engine.max_model_len} tokens", code="context_length_exceeded")
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        max_tokens=requested or min(room, limits.server.max_tokens_limit),
+        stop=body.stop,
+        seed=body.seed,
+        stop_token_ids=state.stop_token_ids,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, ids: list[int], chat: bool):
+    params = sampling_params(state, body, len(ids))
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    outputs = state.engine.generate(ids, params, adapter, request_id)
+    timeout = state.config.server.request_timeout_s
+    if body.stream:
+        return StreamingResponse(stream_events(outputs, body, request_id, chat, timeout), media_type="text/event-stream")
+    text, finish, completion_tokens = [], None, 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for output in outputs:
+                piece = output.outputs[0]
+                text.append(piece.text)
+                completion_tokens += len(piece.token_ids)
+                finish = piece.finish_reason or finish
+    except TimeoutError:
+        raise ApiError(504, f"generation took longer than {timeout} s", "timeout_error", "timeout") from None
+    except RegistryError as err:  # the adapter was unloaded between routing and generation
+        raise ApiError(404, str(err), code="model_not_found") from None
+    usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens, "total_tokens": len(ids) + completion_tokens}
+    answer = "".join(text)
+    choice = {"index": 0, "finish_reason": finish}
+    choice |= {"message": {"role": "assistant", "content": answer}} if chat else {"text": answer}
+    return {
+        "id": request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+async def stream_events(outputs: AsyncIterator[Any], body: SamplingRequest, request_id: str, chat: bool, timeout: float):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+        chunk = {"id": request_id, "object": kind, "created": created, "model": body.model, "choices": [choice] if choice else []}
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    if chat:
+        yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    prompt_tokens = completion_tokens = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for output in outputs:
+                piece = output.outputs[0]
+                prompt_tokens = len(output.prompt_token_ids or [])
+                completion_tokens += len(piece.token_ids)
+                content = {"delta": {"content": piece.text}} if chat else {"text": piece.text}
+                if piece.text or piece.finish_reason:
+                    yield event({"index": 0, **content, "finish_reason": piece.finish_reason})
+    except TimeoutError:
+        yield f"data: {json.dumps({'error': {'message': f'generation took longer than {timeout} s', 'type': 'timeout_error', 'code': 'timeout'}})}\n\n"
+    if body.stream_options and body.stream_options.include_usage:
+        yield event(None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+    yield "data: [DONE]\n\n"

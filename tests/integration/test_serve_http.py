@@ -1,0 +1,155 @@
+"""`finch serve` over real HTTP: Ray Serve + vLLM (CPU build), driven by the official openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+
+import httpx
+import pytest
+import torch
+
+from finch.config import ServeConfig, validate_config
+from finch.data.tokenization import prompt_token_ids
+from tests.conftest import make_tokenizer
+from tests.integration.test_serve_engine import make_adapter, register
+
+pytestmark = pytest.mark.integration
+API_KEY = "test-key-123"
+QUESTION = [{"role": "user", "content": "Name a colour."}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory, tiny_serving_model_dir, monkeypatch_module):
+    from ray import serve
+
+    from finch.serve.app import run
+
+    tmp = tmp_path_factory.mktemp("serve-http")
+    registry = tmp / "registry"
+    adapters = {name: make_adapter(tiny_serving_model_dir, tmp / name, seed) for name, seed in (("a1", 1), ("a2", 2), ("a1v2", 3))}
+    register(registry, "a1", adapters["a1"], tiny_serving_model_dir)
+    register(registry, "a2", adapters["a2"], tiny_serving_model_dir)
+    monkeypatch_module.setenv("FINCH_API_KEY", API_KEY)
+    config = validate_config(
+        {
+            "model": {"path": str(tiny_serving_model_dir), "dtype": "float32"},
+            "template": "chat",
+            "registry_dir": str(registry),
+            "adapters": ["a1"],
+            "engine": {"max_model_len": 128, "max_loras": 3, "max_lora_rank": 8},
+            "server": {"port": free_port(), "max_tokens_limit": 64, "request_timeout_s": 60},
+        },
+        schema=ServeConfig,
+    )
+    url = run(config, blocking=False)
+    yield url, registry, adapters, tiny_serving_model_dir
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def client(url: str, key: str = API_KEY):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def reference_answer(model_dir, adapter_dir, max_new_tokens: int) -> str:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    # the prompt exactly as training renders it (finch.data.tokenization)
+    ids = torch.tensor([prompt_token_ids(QUESTION, tokenizer, "chat")])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_models_chat_and_streaming_match_transformers(server):
+    url, _, adapters, model_dir = server
+    api = client(url)
+    assert {m.id for m in api.models.list().data} == {"base", "a1"}
+    for model, adapter_dir in (("a1", adapters["a1"]), ("base", None)):
+        reply = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=10, temperature=0)
+        assert reply.choices[0].message.content == reference_answer(model_dir, adapter_dir, 10), model
+        assert reply.usage.prompt_tokens == len(prompt_token_ids(QUESTION, make_tokenizer(), "chat"))
+        assert reply.usage.completion_tokens <= 10
+        chunks = list(api.chat.completions.create(model=model, messages=QUESTION, max_tokens=10, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True}))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == reply.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+    completion = api.completions.create(model="a1", prompt="Once upon", max_tokens=5, temperature=0.8, top_p=0.9, seed=3)
+    again = api.completions.create(model="a1", prompt="Once upon", max_tokens=5, temperature=0.8, top_p=0.9, seed=3)
+    assert completion.choices[0].text == again.choices[0].text  # seeded sampling repeats
+
+
+def test_bad_requests_get_openai_style_4xx_errors(server):
+    import openai
+
+    url, *_ = server
+    api = client(url)
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        api.chat.completions.create(model="nope", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError, match="takes at most"):
+        api.completions.create(model="base", prompt="word " * 400, max_tokens=5)
+    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+        api.chat.completions.create(model="base", messages=QUESTION, temperature=5)
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens"):
+        api.chat.completions.create(model="base", messages=QUESTION, max_tokens=1000)
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").models.list()
+    response = httpx.post(f"{url}/admin/adapters", json={"adapter": "a2"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_adapters_load_reload_and_unload_under_traffic(server):
+    url, registry, adapters, model_dir = server
+    api = client(url)
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert admin.post("/admin/adapters", json={"adapter": "a2"}).json()["ref"] == "a2@v1"
+    assert {m.id for m in api.models.list().data} == {"base", "a1", "a2"}
+    refused = admin.post("/admin/adapters", json={"adapter": "../etc"})
+    assert refused.status_code == 404 and "must look like name" in refused.json()["error"]["message"]
+
+    register(registry, "a1", adapters["a1v2"], model_dir)
+    before = reference_answer(model_dir, adapters["a1"], 8)
+    after = reference_answer(model_dir, adapters["a1v2"], 8)
+    assert before != after
+
+    def ask(_):
+        return api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=8, temperature=0).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+        swap = admin.post("/admin/adapters", json={"adapter": "a1"})
+        answers += list(pool.map(ask, range(4)))
+    assert swap.json()["ref"] == "a1@v2"
+    assert set(answers) <= {before, after} and answers[-1] == after  # no request failed during the swap
+    with pytest.raises(Exception, match="a1@v2 loaded"):
+        api.chat.completions.create(model="a1@v1", messages=QUESTION, max_tokens=2)
+
+    assert admin.delete("/admin/adapters/a2").json()["name"] == "a2"
+    assert admin.delete("/admin/adapters/a2").status_code == 404
+    assert {m.id for m in api.models.list().data} == {"base", "a1"}
+    listed = admin.get("/admin/adapters").json()["adapters"]
+    assert [(a["name"], a["ref"]) for a in listed] == [("a1", "a1@v2")]
+    assert json.loads(json.dumps(listed))  # plain JSON
