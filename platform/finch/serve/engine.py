@@ -152,12 +152,14 @@ class ServingEngine:
                 yield output
         finally:
             served.running -= 1
-            if served.retired and served.running == 0:
-                await self.engine.remove_lora(served.lora_id)
+            await self._remove_if_retired_and_idle(served)
 
     async def _retire(self, adapter: ServedAdapter) -> None:
         adapter.retired = True
-        if adapter.running == 0:
+        await self._remove_if_retired_and_idle(adapter)
+
+    async def _remove_if_retired_and_idle(self, adapter: ServedAdapter) -> None:
+        if adapter.retired and adapter.running == 0:
             await self.engine.remove_lora(adapter.lora_id)
 
     @staticmethod

@@ -52,7 +52,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
     data = prepare_datasets(config.data, model_path, config.train.objective)
     print_data_stats(data)
     tracker = MlflowTracker(config, resume) if config.tracking.mlflow else None
-    progress = TrainingProgress(f"{config.name}", console, [tracker] if tracker else [])
+    progress = TrainingProgress(config.name, console, [tracker] if tracker else [])
     try:
         final_checkpoint = progress.run(lambda: fit(config, model_path, data, progress.queue))
         entry = register(config, model_path, data, final_checkpoint, run_dir)
@@ -105,8 +105,8 @@ def load_run_config(run_folder: str | Path, overrides: list[str] | None = None) 
 
 
 def check_resumable(config: RunConfig) -> None:
-    """Resuming needs checkpoints, an unfinished run, and the same model, data and LoRA setup
-    (a checkpoint's data position means nothing for other rows)."""
+    """Resuming needs checkpoints, an unfinished run, and every setting in RESUME_MUST_MATCH
+    unchanged (a checkpoint's weights, optimizer state and data position mean nothing otherwise)."""
     run_dir = config.run_dir
     if not any(run_dir.glob("checkpoint-*")):
         raise RunExistsError(f"nothing to resume: {run_dir} holds no checkpoint")
