@@ -10,6 +10,10 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
+# The chat page test drives Debian's Chromium through Playwright (which downloads no browser here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: demo test setup clean
 
 setup: $(VENV)/.installed
@@ -36,7 +40,12 @@ demo: setup
 	  --prompt "What's the wifi password?" \
 	  --prompt "My card was charged twice for the same order, please refund one of them."
 
-test: setup
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "the chat page test needs Chromium at $(CHROMIUM) (Debian package chromium)"; exit 1; }
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
+
+test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import socket
 
 import httpx
@@ -18,6 +19,11 @@ from tests.integration.test_serve_engine import make_adapter, register
 pytestmark = pytest.mark.integration
 API_KEY = "test-key-123"
 QUESTION = [{"role": "user", "content": "Name a colour."}]
+# Debian's Chromium (the Makefile installs it); Playwright drives it and downloads no browser.
+CHROMIUM = os.environ.get("FINCH_CHROMIUM", "/usr/bin/chromium")
+# The machine's network is closed: keep Chromium from trying to reach Google's services.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 
 
 def free_port() -> int:
@@ -153,3 +159,54 @@ def test_adapters_load_reload_and_unload_under_traffic(server):
     listed = admin.get("/admin/adapters").json()["adapters"]
     assert [(a["name"], a["ref"]) for a in listed] == [("a1", "a1@v2")]
     assert json.loads(json.dumps(listed))  # plain JSON
+
+
+def test_chat_page_streams_answers_and_compares_two_models(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, *_ = server
+    api = client(url)
+    served = [m.id for m in api.models.list().data]
+    adapter = next(m for m in served if m != "base")
+
+    def greedy(model: str) -> str:
+        reply = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
+        return reply.choices[0].message.content
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        console_errors = []
+        page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
+        page.goto(url)
+        expect(page.locator("#status")).to_contain_text("wrong API key")  # the key guards the page's API calls
+        page.fill("#api-key", API_KEY)
+        page.dispatch_event("#api-key", "change")
+        expect(page.locator(".pane select.model option")).to_have_count(len(served))
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "12")
+
+        page.select_option(".pane select.model", adapter)
+        page.fill("#prompt", QUESTION[0]["content"])
+        page.press("#prompt", "Enter")
+        reply = page.locator(".msg.assistant[data-done=true]")
+        expect(reply).to_have_count(1, timeout=60_000)
+        assert reply.text_content() == greedy(adapter)
+        assert int(reply.get_attribute("data-chunks")) > 1  # streamed in pieces, not in one go
+        expect(page.locator(".pane .stats")).to_contain_text("tok/s")
+
+        page.check("#compare")
+        expect(page.locator(".pane")).to_have_count(2)
+        page.click("#clear")
+        page.locator(".pane select.model").nth(0).select_option("base")
+        page.locator(".pane select.model").nth(1).select_option(adapter)
+        page.fill("#prompt", QUESTION[0]["content"])
+        page.click("#send")
+        replies = page.locator(".msg.assistant[data-done=true]")
+        expect(replies).to_have_count(2, timeout=60_000)
+        side_by_side = replies.all_text_contents()
+        page.screenshot(path=tmp_path / "chat-page.png")
+        browser.close()
+    assert side_by_side == [greedy("base"), greedy(adapter)]
+    assert side_by_side[0] != side_by_side[1]
+    assert console_errors == [] or all("401" in e for e in console_errors), console_errors

@@ -14,13 +14,14 @@ import hmac
 import json
 import time
 import uuid
+from importlib import resources
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from finch.config import ServeConfig
@@ -29,6 +30,8 @@ from finch.registry.store import RegistryError
 from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, ServingEngine
 
 BASE_MODEL = "base"
+# The chat page loads nothing from elsewhere and may not be framed by other sites.
+CHAT_PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"
 
 
 class ApiError(Exception):
@@ -112,6 +115,13 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key")
 
     guarded = [Depends(authorized)]
+
+    chat_page = resources.files("finch.serve").joinpath("static/chat.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def chat() -> HTMLResponse:
+        # The page itself is public; its API calls carry the key typed into it.
+        return HTMLResponse(chat_page, headers={"Content-Security-Policy": CHAT_PAGE_POLICY})
 
     @app.get("/health")
     async def health() -> dict[str, str]:
