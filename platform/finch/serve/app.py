@@ -7,6 +7,7 @@ base model and loads registry adapters on demand from the admin routes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -23,20 +24,26 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class FinchServer:
     """A replica: the engine plus the FastAPI app, which Ray Serve drives as its ASGI ingress."""
 
-    def __init__(self, config: dict[str, Any], model_path: str, api_key: str | None):
+    def __init__(self, config: dict[str, Any], model_path: str, initial_adapters: dict[str, str], api_key: str | None):
         from finch.chat import stop_token_ids
         from finch.data.pipeline import load_tokenizer
         from finch.data.templates import resolve_template
+        from finch.serve.directory import ReplicaAdapters, open_directory
         from finch.serve.engine import ServingEngine
         from finch.serve.openai_api import ApiState, build_api
 
         self.config = validate_config(config, schema=ServeConfig)
         zero_adapters = cache_root() / "zero-adapters"
         self.engine = ServingEngine.start(self.config.engine, model_path, self.config.registry_dir, zero_adapters)
+        replica = serve.get_replica_context().replica_id.unique_id
+        directory = open_directory(self.config.name, initial_adapters)
+        self.shared = ReplicaAdapters(self.engine, directory, replica, self.config.server.adapter_sync_s)
+        self.sync_task: asyncio.Task | None = None  # held so the loop is not garbage-collected
         tokenizer = load_tokenizer(model_path)
         state = ApiState(
             config=self.config,
             engine=self.engine,
+            shared=self.shared,
             tokenizer=tokenizer,
             base_template=resolve_template(self.config.template, tokenizer),
             stop_token_ids=stop_token_ids(model_path, tokenizer),
@@ -47,14 +54,16 @@ class FinchServer:
     async def load_adapters(self) -> None:
         """Runs at app startup, in the replica's event loop, where vLLM's client lives."""
         await self.engine.warm_up()
-        for ref in self.config.adapters:
-            await self.engine.load(ref)
+        await self.shared.sync()  # the application's current set: the config's, plus admin changes since
+        self.sync_task = asyncio.create_task(self.shared.sync_forever())
 
     def __serve_build_asgi_app__(self):
         return self.api
 
 
 def build_application(config: ServeConfig, model_path: str) -> Any:
+    from finch.registry.store import resolve_adapter
+
     server = config.server
     api_key = os.environ.get(server.api_key_env) or None
     if server.host not in LOOPBACK and api_key is None:
@@ -72,18 +81,25 @@ def build_application(config: ServeConfig, model_path: str) -> Any:
             "runtime_env": {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
         },
     )
-    return deployment.bind(config.model_dump(mode="json"), model_path, api_key)
+    # Resolved here, once: every replica loads the same versions, and a missing adapter fails now.
+    entries = [resolve_adapter(config.registry_dir, ref) for ref in config.adapters]
+    initial_adapters = {entry.name: entry.ref for entry in entries}
+    return deployment.bind(config.model_dump(mode="json"), model_path, initial_adapters, api_key)
 
 
 def run(config: ServeConfig, blocking: bool = True) -> str:
     """Start Ray Serve on config.server.host:port and deploy; returns the base URL."""
     from finch.models.loading import resolve_model_path
     from finch.runtime import init_ray
+    from finch.serve.directory import remove_directory
 
     model_path = resolve_model_path(config.model.path)
     application = build_application(config, model_path)
     init_ray()
-    serve.start(http_options={"host": config.server.host, "port": config.server.port, "request_timeout_s": config.server.request_timeout_s})
+    # The proxy's own timeout is a backstop: finch's answers first, with a JSON 504 (openai_api.respond).
+    proxy_timeout_s = config.server.request_timeout_s + 10
+    serve.start(http_options={"host": config.server.host, "port": config.server.port, "request_timeout_s": proxy_timeout_s})
+    remove_directory(config.name)
     serve.run(application, name=config.name, route_prefix="/")
     url = f"http://{config.server.host}:{config.server.port}"
     if blocking:
@@ -93,4 +109,5 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
                 time.sleep(3600)
         except KeyboardInterrupt:
             serve.shutdown()
+            remove_directory(config.name)
     return url

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from finch.config import ServeConfig
 from finch.data.tokenization import prompt_token_ids
 from finch.registry.store import RegistryError
+from finch.serve.directory import ReplicaAdapters
 from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, ServingEngine
 
 BASE_MODEL = "base"
@@ -83,6 +84,7 @@ class LoadRequest(BaseModel):
 class ApiState:
     config: ServeConfig
     engine: ServingEngine
+    shared: ReplicaAdapters  # admin changes go through here to reach every replica
     tokenizer: Any
     base_template: str
     stop_token_ids: list[int]
@@ -116,6 +118,12 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
 
     guarded = [Depends(authorized)]
 
+    @app.middleware("http")
+    async def name_replica(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        response = await call_next(request)
+        response.headers["x-finch-replica"] = state.shared.replica
+        return response
+
     chat_page = resources.files("finch.serve").joinpath("static/chat.html").read_text()
 
     @app.get("/", include_in_schema=False)
@@ -135,7 +143,7 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest):
-        adapter = resolve_model(state, body.model)
+        adapter = await route(state, body.model)
         messages = [m.model_dump() for m in body.messages]
         system_prompt = training_system_prompt(state, adapter)
         if system_prompt and messages[0]["role"] != "system":
@@ -148,18 +156,20 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
-        adapter = resolve_model(state, body.model)
+        adapter = await route(state, body.model)
         ids = state.tokenizer(body.prompt)["input_ids"]
         return await respond(state, body, adapter, ids, chat=False)
 
     @app.get("/admin/adapters", dependencies=guarded)
     async def list_served() -> dict[str, Any]:
-        return {"adapters": [describe(a) for n, a in state.engine.adapters.items() if n != ZERO_ADAPTER]}
+        adapters = [describe(a) for n, a in state.engine.adapters.items() if n != ZERO_ADAPTER]
+        return {"adapters": adapters, "replica": state.shared.replica, "replica_versions": await state.shared.replica_versions()}
 
     @app.post("/admin/adapters", dependencies=guarded)
     async def load_adapter(body: LoadRequest) -> dict[str, Any]:
         try:
-            return describe(await state.engine.load(body.adapter, body.name))
+            adapter, behind = await state.shared.load(body.adapter, body.name)
+            return describe(adapter) | {"replicas_behind": behind}
         except AdapterRefused as err:
             raise ApiError(409, str(err), code="adapter_refused") from None
         except RegistryError as err:
@@ -168,7 +178,8 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
     @app.delete("/admin/adapters/{name}", dependencies=guarded)
     async def unload_adapter(name: str) -> dict[str, Any]:
         try:
-            return describe(await state.engine.unload(name))
+            adapter, behind = await state.shared.unload(name)
+            return describe(adapter) | {"replicas_behind": behind}
         except RegistryError as err:
             raise ApiError(404, str(err), code="adapter_not_found") from None
 
@@ -181,6 +192,15 @@ def error_response(status: int, message: str, kind: str, code: str | None) -> JS
 
 def describe(adapter: Any) -> dict[str, Any]:
     return {"name": adapter.name, "ref": adapter.ref, "path": adapter.path, "running": adapter.running}
+
+
+async def route(state: ApiState, model: str) -> str | None:
+    """resolve_model, after catching up with the other replicas if this one does not serve `model` yet."""
+    try:
+        return resolve_model(state, model)
+    except ApiError:
+        await state.shared.sync()
+        return resolve_model(state, model)
 
 
 def resolve_model(state: ApiState, model: str) -> str | None:
