@@ -32,13 +32,15 @@ endif
 	$(BIN)/python -c "import finch, ray, transformers, peft, vllm; print('finch', finch.__version__, 'ready (vllm', vllm.__version__ + ')')"
 	touch $@
 
-# Quickstart: two LoRA adapters on Gemma 3 270M, then base vs adapters side by side.
+# Quickstart: two LoRA adapters on Gemma 3 270M, base vs adapters side by side, then the same
+# adapters served (Ray Serve + vLLM) and asked over HTTP.
 demo: setup
 	$(BIN)/finch train jobs/quickstart/concierge.yaml --overwrite
 	$(BIN)/finch train jobs/quickstart/triage.yaml --overwrite
 	$(BIN)/finch chat --adapter concierge --adapter triage --max-new-tokens 48 \
 	  --prompt "What's the wifi password?" \
 	  --prompt "My card was charged twice for the same order, please refund one of them."
+	$(BIN)/finch serve serve/quickstart.yaml --max-tokens 48 --ask "What's the wifi password?"
 
 $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "the chat page test needs Chromium at $(CHROMIUM) (Debian package chromium)"; exit 1; }

@@ -71,15 +71,32 @@ def train(
 
 
 @app.command()
-def serve(config_path: ConfigArg, overrides: OverridesArg = None) -> None:
-    """Serve the base model and registry adapters: OpenAI-compatible API on Ray Serve + vLLM."""
+def serve(
+    config_path: Annotated[Path, typer.Argument(help="Serve config YAML (see serve/).")],
+    overrides: OverridesArg = None,
+    ask: Annotated[
+        list[str] | None,
+        typer.Option(help="Send this prompt to every served model over HTTP, print the answers, then stop (repeatable)."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="With --ask: tokens per answer.")] = 64,
+) -> None:
+    """Serve the base model and registry adapters: OpenAI-compatible API and chat page on Ray Serve + vLLM."""
     from finch.config import ServeConfig
 
     try:
         config = load_config(config_path, overrides, schema=ServeConfig)
-        from finch.serve.app import run
+        from finch.serve.app import api_key_of, run, stop
 
-        run(config)
+        if not ask:
+            run(config)
+            return
+        url = run(config, blocking=False)
+        try:
+            from finch.serve.probe import ask_every_model
+
+            ask_every_model(url, ask, api_key_of(config), max_tokens, console)
+        finally:
+            stop(config)
     except USER_ERRORS as err:
         _fail(err)
 

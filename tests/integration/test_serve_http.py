@@ -274,3 +274,18 @@ def test_requests_beyond_the_queue_limit_get_503_not_a_crash(tight_server):
     # one runs, one waits (each then times out), the rest are turned away at once
     assert statuses.count(503) >= 2 and set(statuses) <= {503, 504}, statuses
     assert answers_quickly(tight_server)
+
+
+def test_ask_prints_every_served_models_answer(server):
+    from rich.console import Console
+
+    from finch.serve.probe import ask_every_model
+
+    url, *_ = server
+    api = client(url)
+    console = Console(record=True, width=200)
+    ask_every_model(url, [QUESTION[0]["content"]], API_KEY, 6, console)
+    printed = console.export_text()
+    for model in api.models.list().data:
+        answer = api.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=6, temperature=0)
+        assert f"│ {model.id} " in printed and answer.choices[0].message.content.strip().split()[0] in printed

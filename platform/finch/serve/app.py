@@ -16,6 +16,7 @@ from ray import serve
 
 from finch.config import ConfigError, ServeConfig, validate_config
 from finch.runtime import cache_root
+from finch.serve.directory import ReplicaAdapters, open_directory, remove_directory
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -28,7 +29,6 @@ class FinchServer:
         from finch.chat import stop_token_ids
         from finch.data.pipeline import load_tokenizer
         from finch.data.templates import resolve_template
-        from finch.serve.directory import ReplicaAdapters, open_directory
         from finch.serve.engine import ServingEngine
         from finch.serve.openai_api import ApiState, build_api
 
@@ -61,11 +61,15 @@ class FinchServer:
         return self.api
 
 
+def api_key_of(config: ServeConfig) -> str | None:
+    return os.environ.get(config.server.api_key_env) or None
+
+
 def build_application(config: ServeConfig, model_path: str) -> Any:
     from finch.registry.store import resolve_adapter
 
     server = config.server
-    api_key = os.environ.get(server.api_key_env) or None
+    api_key = api_key_of(config)
     if server.host not in LOOPBACK and api_key is None:
         raise ConfigError(
             f"server.host {server.host} exposes the API beyond this machine: set an API key in ${server.api_key_env}"
@@ -91,7 +95,6 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
     """Start Ray Serve on config.server.host:port and deploy; returns the base URL."""
     from finch.models.loading import resolve_model_path
     from finch.runtime import init_ray
-    from finch.serve.directory import remove_directory
 
     model_path = resolve_model_path(config.model.path)
     application = build_application(config, model_path)
@@ -102,12 +105,17 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
     remove_directory(config.name)
     serve.run(application, name=config.name, route_prefix="/")
     url = f"http://{config.server.host}:{config.server.port}"
+    print(f"finch: serving on {url} (chat page at {url}/, OpenAI API at {url}/v1)", flush=True)
     if blocking:
-        print(f"finch: serving on {url} (OpenAI API at {url}/v1); Ctrl-C stops", flush=True)
+        print("finch: Ctrl-C stops", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            serve.shutdown()
-            remove_directory(config.name)
+            stop(config)
     return url
+
+
+def stop(config: ServeConfig) -> None:
+    serve.shutdown()
+    remove_directory(config.name)
