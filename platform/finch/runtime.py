@@ -1,10 +1,12 @@
-"""Process-wide setup: connecting to Ray (the cluster in RAY_ADDRESS if set, else a local one
-started here) and finch's cache folder."""
+"""Process-wide setup: connecting to Ray (the cluster in RAY_ADDRESS, else the one `ray start`
+last started on this machine if it still answers, else a local one started here) and finch's
+cache folder."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 
@@ -20,7 +22,7 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     ray.init(
-        address=os.environ.get("RAY_ADDRESS"),
+        address=cluster_address(),
         logging_level=logging.WARNING,
         # Workers import finch from the same environment; keep their tokenizers single-threaded
         # so Ray Data tasks don't oversubscribe the cores.
@@ -34,3 +36,30 @@ def init_ray() -> None:
     context.raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def cluster_address() -> str:
+    """RAY_ADDRESS if set; else the address `ray start` left in Ray's temp folder, if a cluster
+    still answers there; else "local".
+
+    Ray itself connects to that recorded address even when its cluster is gone (killed without
+    `ray stop`, machine rebooted) and then waits for minutes before failing; finch checks first
+    and starts a local cluster instead, saying so.
+    """
+    from ray._private.utils import read_ray_address  # Ray's own reader of `ray start`'s record
+
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    recorded = read_ray_address()
+    if not recorded:
+        return "local"
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        return recorded
+    except (OSError, ValueError):
+        logging.getLogger("finch").warning(
+            "the Ray cluster `ray start` last started here (%s) does not answer; starting a local one "
+            "(`ray stop` clears that record, RAY_ADDRESS picks a cluster)", recorded
+        )
+        return "local"
