@@ -1,4 +1,4 @@
-"""`finch` command line: data inspect, train, serve, chat."""
+"""`finch` command line: data inspect, train, tune, serve, chat."""
 
 from __future__ import annotations
 
@@ -67,6 +67,21 @@ def train(
             config = load_config(config_path, overrides)
         run_training(config, overwrite=overwrite, resume=resume is not None)
     except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command()
+def tune(
+    sweep_path: Annotated[Path, typer.Argument(help="Sweep config YAML (see tune/).")],
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted sweep of this name.")] = False,
+) -> None:
+    """Search training settings with Ray Tune (grid, random or Optuna; ASHA stopping); register the best adapter."""
+    from finch.tune.sweep import SweepError, load_sweep_config, sweep
+
+    try:
+        sweep(load_sweep_config(sweep_path, overrides), resume=resume)
+    except (*USER_ERRORS, SweepError) as err:
         _fail(err)
 
 

@@ -282,6 +282,76 @@ class ServeConfig(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
 
 
+SEARCH_KINDS = {"grid": None, "choice": None, "uniform": 2, "loguniform": 2, "randint": 2}  # kind -> values it takes
+# Data and model are prepared once for all trials of a sweep; names and folders belong to the sweep.
+NOT_SEARCHABLE = ("data.", "model.", "name", "output_dir", "registry_dir", "tracking.")
+
+
+class SearchConfig(Section):
+    algorithm: Literal["grid", "random", "optuna"] = Field(
+        "random", description="'grid': every combination of the grid values; 'random': num_samples random draws; "
+        "'optuna': num_samples trials chosen by Optuna's TPE sampler from the results so far."
+    )
+    num_samples: int | None = Field(
+        None, ge=1, description="Trials to run (default 4); with 'grid', repeats of the whole grid (default 1)."
+    )
+    seed: int = Field(0, description="Seed of the random and Optuna samplers.")
+    space: dict[str, dict[Literal["grid", "choice", "uniform", "loguniform", "randint"], list[Any]]] = Field(
+        min_length=1,
+        description="Run-config keys (dotted, e.g. train.lr) -> one of {grid: [values]}, {choice: [values]}, "
+        "{uniform: [low, high]}, {loguniform: [low, high]}, {randint: [low, high]} (inclusive).",
+    )
+
+    @model_validator(mode="after")
+    def _space_is_well_formed(self) -> SearchConfig:
+        for key, spec in self.space.items():
+            if len(spec) != 1:
+                raise ValueError(f"search.space.{key}: give exactly one of {', '.join(SEARCH_KINDS)} (got {sorted(spec)})")
+            (kind, values), = spec.items()
+            arity = SEARCH_KINDS[kind]
+            if (arity and len(values) != arity) or not values:
+                raise ValueError(f"search.space.{key}.{kind}: takes {arity or 'one or more'} values (got {values})")
+            if arity and not values[0] < values[1]:
+                raise ValueError(f"search.space.{key}.{kind}: low must be below high (got {values})")
+            if key.startswith(NOT_SEARCHABLE):
+                raise ValueError(f"search.space.{key}: a sweep cannot search {key} (data and model are prepared "
+                                 "once for every trial; sweep the run config's training settings)")
+            if self.algorithm == "grid" and kind != "grid":
+                raise ValueError(f"search.space.{key}: algorithm grid takes {{grid: [...]}} entries only (got {kind})")
+            if self.algorithm == "optuna" and kind == "grid":
+                raise ValueError(f"search.space.{key}: Optuna chooses values itself; use choice instead of grid")
+        if self.num_samples is None:
+            self.num_samples = 1 if self.algorithm == "grid" else 4
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    enabled: bool = Field(True, description="ASHA: stop trials whose eval loss trails the others at each rung.")
+    grace_period: int = Field(
+        2, ge=1, description="Evaluations every trial gets before it can be stopped (the first is the untrained model)."
+    )
+    reduction_factor: float = Field(2.0, gt=1, description="Each rung keeps about 1/reduction_factor of the trials.")
+
+
+class SweepConfig(Section):
+    name: str = Field(pattern=NAME_PATTERN, description="Sweep name: its folder is output_dir/name.")
+    run: str = Field(description="The run config YAML every trial starts from (see jobs/); it needs eval data.")
+    overrides: list[str] = Field(default_factory=list, description="Dotted overrides applied to the run config for every trial.")
+    output_dir: str = Field("runs", description="Sweep folders (Tune state, trial runs, results) go to output_dir/name.")
+    search: SearchConfig
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    max_concurrent_trials: int = Field(
+        1, ge=1, description="Trials running at once; each takes the run config's scale.num_workers x cpus_per_worker."
+    )
+    register_as: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Registry name of the best trial's adapter (default: the sweep name)."
+    )
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.name
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -339,7 +409,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
 def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
     # Drop pydantic's union-branch tags such as 'list[str]' or "literal['all-linear']" from the key.
     key = ".".join(str(part) for part in error["loc"] if "[" not in str(part))
-    if not key:  # a check across fields: its message names the keys itself
+    if not key or error["type"] == "value_error":  # a check across fields: its message names the keys itself
         return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(error["loc"][:-1], schema)

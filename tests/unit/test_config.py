@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finch.config import ConfigError, ServeConfig, load_config
+from finch.config import ConfigError, ServeConfig, SweepConfig, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "demo", "model": {"path": "some/model"}, "data": {"train_files": ["a.jsonl"]}}
@@ -76,6 +76,30 @@ def test_every_shipped_run_config_validates(path):
 def test_every_shipped_serve_config_validates(path):
     config = load_config(path, schema=ServeConfig)
     assert config.server.host == "127.0.0.1" or config.server.api_key_env
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tune").glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_sweep_config_validates_with_every_searched_value(path, monkeypatch):
+    from finch.tune.sweep import base_run_config, check_space
+
+    monkeypatch.chdir(REPO)  # sweeps name their run config relative to the repository root
+    sweep = load_config(path, schema=SweepConfig)
+    check_space(sweep, base_run_config(sweep))
+
+
+def test_sweep_spaces_are_checked_before_anything_runs():
+    def sweep(space, algorithm="random"):
+        return validate_config({"name": "s", "run": "r.yaml", "search": {"algorithm": algorithm, "space": space}},
+                               schema=SweepConfig)
+
+    with pytest.raises(ConfigError, match="search.space.train.lr.loguniform: low must be below high"):
+        sweep({"train.lr": {"loguniform": [1e-3, 1e-5]}})
+    with pytest.raises(ConfigError, match="cannot search data.max_length"):
+        sweep({"data.max_length": {"choice": [128, 256]}})
+    with pytest.raises(ConfigError, match="algorithm grid takes"):
+        sweep({"train.lr": {"choice": [1e-4]}}, algorithm="grid")
+    with pytest.raises(ConfigError, match="give exactly one of"):
+        sweep({"train.lr": {"choice": [1e-4], "grid": [1e-3]}})
 
 
 def test_unparseable_override_and_cross_field_errors_read_cleanly(tmp_path):

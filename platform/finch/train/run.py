@@ -119,7 +119,7 @@ def check_resumable(config: RunConfig) -> None:
         raise RunExistsError(f"cannot resume {config.name}: changed since the interrupted run: {', '.join(changed)}")
 
 
-def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=None):
+def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=None, callbacks=()):
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -142,6 +142,7 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=N
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             # Without this Ray Train echoes every print of a worker twice (its logger and stdout).
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         # Each worker receives all rows, in the same order (HF Trainer's DistributedSampler shards
@@ -156,8 +157,11 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=N
     return result.checkpoint
 
 
-def register(config: RunConfig, model_path: str, data: PreparedData, checkpoint, run_dir: Path) -> AdapterEntry:
-    """Publish the final checkpoint: the adapter files, or for full fine-tuning the whole model folder."""
+def register(
+    config: RunConfig, model_path: str, data: PreparedData, checkpoint, run_dir: Path, lineage: dict | None = None
+) -> AdapterEntry:
+    """Publish the final checkpoint as `config.name`: the adapter files, or for full fine-tuning the
+    whole model folder; `lineage` (e.g. the sweep and trial it won) goes into the manifest."""
     kind = "model" if config.train.method == "full" else "adapter"
     train = config.train
     title = f"{config.name}: {train.method} {train.objective} on {config.model.path}"
@@ -169,12 +173,13 @@ def register(config: RunConfig, model_path: str, data: PreparedData, checkpoint,
         else:
             files = {p.name: p for p in Path(folder).iterdir() if p.is_file() and p.name != LOG_HISTORY_FILE}
         files["loss.png"] = loss_png
-        entry = publish(config.registry_dir, config.name, files, manifest(config, model_path, data, log_history), kind)
+        entry_manifest = manifest(config, model_path, data, log_history, run_dir) | ({"lineage": lineage} if lineage else {})
+        entry = publish(config.registry_dir, config.name, files, entry_manifest, kind)
     console.print(f"[green]finch: registered {kind} {entry.ref}[/] at {entry.path}")
     return entry
 
 
-def manifest(config: RunConfig, model_path: str, data: PreparedData, log_history: list[dict]) -> dict:
+def manifest(config: RunConfig, model_path: str, data: PreparedData, log_history: list[dict], run_dir: Path) -> dict:
     metrics = last_values(log_history)
     stats = {k: v for k, v in data.stats.items() if k != "lengths"}
     return {
@@ -190,7 +195,7 @@ def manifest(config: RunConfig, model_path: str, data: PreparedData, log_history
         "metrics": metrics,
         "finch_version": finch.__version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "run_dir": str(config.run_dir),
+        "run_dir": str(run_dir),
     }
 
 

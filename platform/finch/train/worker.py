@@ -92,6 +92,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         trainer.add_callback(RayReportCallback(payload.get("progress_queue")))
         trainer.remove_callback(PrinterCallback)  # the driver shows progress instead
         trainer.train(resume_from_checkpoint=resume_from)
+        evaluate_final_weights(trainer)
         report_final(trainer, tokenizer)
 
 
@@ -121,6 +122,16 @@ def torch_threads(config: RunConfig) -> int:
     if scale.cpus_per_worker:
         return max(1, int(scale.cpus_per_worker))
     return max(1, (os.cpu_count() or 1) // scale.num_workers)
+
+
+def evaluate_final_weights(trainer: Trainer) -> None:
+    """One more evaluation when the last one ran before the last step, so the eval loss that the
+    manifest records (and a sweep ranks trials by) is the registered weights' own."""
+    if trainer.eval_dataset is None:
+        return
+    evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    if not evaluated or evaluated[-1] != trainer.state.global_step:
+        trainer.evaluate()
 
 
 def report_final(trainer: Trainer, tokenizer: Any) -> None:

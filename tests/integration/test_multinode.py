@@ -1,0 +1,51 @@
+"""Two Ray nodes (`ray.cluster_utils.Cluster`): training workers on different nodes writing
+checkpoints to shared storage, then two serving replicas, one per node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_config_dict, write_jsonl
+from tests.integration.test_serve_http import free_port
+from tests.integration.test_train_e2e import FACTS
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_serving_model_dir):
+    data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
+    run = run_config_dict(tmp_path, tiny_serving_model_dir, [str(data)], name="facts-2n",
+                          train={"max_steps": 4, "save_steps": 2, "lr": 5e-3},
+                          lora={"target_modules": ["q_proj", "v_proj"]},
+                          scale={"num_workers": 2, "cpus_per_worker": 1})
+    run["tracking"] = {"mlflow": False}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    serve = {"name": "twonode", "model": {"path": str(tiny_serving_model_dir), "dtype": "float32"}, "template": "chat",
+             "registry_dir": str(tmp_path / "registry"),
+             "engine": {"max_model_len": 128, "max_loras": 2, "max_lora_rank": 8},
+             "server": {"port": free_port(), "num_replicas": 2, "cpus_per_replica": 1}}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
+
+    result = subprocess.run([sys.executable, "-m", "tests.integration.two_node_cluster", "run.yaml", "serve.yaml",
+                             "seen.json"],
+                            cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["nodes"] == 2 and seen["registered"] == "facts-2n@v1"
+    assert len(set(seen["train_worker_nodes"])) == 2  # one training worker per node
+    # both ranks wrote their part of each checkpoint into the one shared storage folder
+    checkpoint = sorted((tmp_path / "runs" / "facts-2n").glob("checkpoint-*"))[-1]
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert len(set(seen["replica_nodes"])) == 2  # one serving replica per node...
+    assert seen["statuses"] == [200] * 16 and len(seen["replicas_answering"]) == 2  # ...both serving the adapter
+    assert len(set(seen["answers"])) == 1  # greedy: the same answer from either node
+

@@ -1,0 +1,62 @@
+"""Run by test_multinode.py in a process of its own: a two-node `ray.cluster_utils.Cluster`
+(one CPU per node), a 2-worker training whose workers must land on different nodes, then the
+trained adapter served by two replicas, one per node. Writes its observations as JSON to
+the file named by its third argument (stdout also carries the replicas' forwarded logs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+
+def actor_nodes(gcs_address: str, class_name: str) -> list[str]:
+    return [a.node_id for a in list_actors(address=gcs_address, filters=[("class_name", "=", class_name)], detail=True)]
+
+
+def main(run_config_path: str, serve_config_path: str, observations_path: str) -> None:
+    from finch.config import ServeConfig, load_config
+    from finch.serve.app import run, stop
+    from finch.train.run import train
+
+    # Serve's proxy prefers the replica on its own node; spread requests so both replicas answer.
+    os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address
+    ray.init(address=cluster.address)
+    try:
+        entry = train(load_config(run_config_path))
+        train_nodes = actor_nodes(cluster.address, "RayTrainWorker")
+
+        serve_config = load_config(serve_config_path, [f"adapters=[{entry.name}]"], schema=ServeConfig)
+        url = run(serve_config, blocking=False)
+        replica_nodes = actor_nodes(cluster.address, f"ServeReplica:{serve_config.name}:finch")
+        with httpx.Client(base_url=url, timeout=60) as client:
+            answers = [client.post("/v1/chat/completions", json={"model": entry.name, "max_tokens": 4, "temperature": 0,
+                                                                 "messages": [{"role": "user", "content": "Room 3?"}]})
+                       for _ in range(16)]
+        stop(serve_config)
+        Path(observations_path).write_text(json.dumps({
+            "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}),
+            "train_worker_nodes": train_nodes,
+            "replica_nodes": replica_nodes,
+            "statuses": [a.status_code for a in answers],
+            "answers": [a.json()["choices"][0]["message"]["content"] for a in answers if a.status_code == 200],
+            "replicas_answering": sorted({a.headers["x-finch-replica"] for a in answers}),
+            "registered": entry.ref,
+        }))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
