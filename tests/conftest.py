@@ -66,6 +66,49 @@ def make_tiny_model_dir(path: Path, chat_template: bool = True, seed: int = 0, h
     return path
 
 
+def make_adapter(model_dir: Path, folder: Path, seed: int, r: int = 8, **lora) -> Path:
+    """A random LoRA adapter on every linear projection, saved in PEFT layout (B nonzero, so it changes outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **lora),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a fresh adapter is a no-op; these change the outputs
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_spm_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with Mistral's SentencePiece tokenizer (32k vocab), the kind of
+    tokenizer llama.cpp's GGUF converter knows without a hub lookup."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-spm")
+    shutil.copy(shared_file("tokenizers/mistral_v3_tokenizer.model"), path / "tokenizer.model")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
+    ))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))

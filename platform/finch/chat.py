@@ -19,9 +19,8 @@ from rich.table import Table
 from finch.config import validate_config
 from finch.data.pipeline import load_tokenizer
 from finch.data.tokenization import prompt_token_ids
-from finch.fingerprint import fingerprint_model_folder
-from finch.models.loading import load_base_model, resolve_model_path
-from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
+from finch.models.loading import load_base_model, trained_base_folder
+from finch.registry.store import AdapterEntry, resolve_adapter
 
 BASE = "base"
 console = Console()
@@ -57,13 +56,8 @@ class ChatSession:
         from peft import PeftModel
 
         adapters = [resolve_adapter(registry_dir, ref) for ref in refs]
-        bases = {a.manifest["base_model"]["fingerprint"] for a in adapters}
-        if len(bases) != 1:
-            raise RegistryError(f"adapters {', '.join(a.ref for a in adapters)} were trained on different base models")
+        folder = trained_base_folder(adapters)
         config = validate_config(adapters[0].manifest["config"])
-        folder = resolve_model_path(config.model.path)
-        if fingerprint_model_folder(folder) not in bases:
-            raise RegistryError(f"base model at {folder} is not the one {adapters[0].ref} was trained on (fingerprint differs)")
         tokenizer = load_tokenizer(folder)
         on_gpu = torch.cuda.is_available()
         # A registry manifest is data, not a trust decision: never run model code because of it.

@@ -1,7 +1,8 @@
-"""`finch` command line: data inspect, train, tune, serve, chat."""
+"""`finch` command line: data inspect, train, tune, serve, chat, export."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -134,6 +135,49 @@ def chat(
     prompts = prompt or _interactive_prompts()
     for text in prompts:
         session.print_side_by_side(text, max_new_tokens=max_new_tokens, include_base=not no_base)
+
+
+class ExportFormat(str, Enum):
+    merged = "merged"
+    gguf = "gguf"
+
+
+class GgufType(str, Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
+class SixteenBit(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@app.command()
+def export(
+    adapter: Annotated[str, typer.Argument(help="Registry entry (name or name@vN).")],
+    output: Annotated[Path, typer.Option(help="Folder (merged) or .gguf file (gguf) to write.")],
+    format: Annotated[
+        ExportFormat, typer.Option(help="merged: the base with the adapter merged in, 16-bit safetensors; gguf: that, for llama.cpp.")
+    ] = ExportFormat.merged,
+    dtype: Annotated[SixteenBit | None, typer.Option(help="merged: weights dtype (default: the training dtype if 16-bit, else bfloat16).")] = None,
+    gguf_type: Annotated[GgufType, typer.Option(help="gguf: f16, or q8_0 (8-bit, about half the size).")] = GgufType.f16,
+    registry: Annotated[Path, typer.Option(help="Adapter registry root.")] = Path("registry"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Export a registry entry as a standalone model (QLoRA merges into the dequantized base)."""
+    from finch.export.gguf import ExportError, export_gguf
+    from finch.export.merged import export_merged
+
+    try:
+        if format is ExportFormat.gguf:
+            if dtype is not None:
+                raise ConfigError("--dtype is for --format merged; GGUF types are chosen with --gguf-type")
+            written = export_gguf(registry, adapter, output, gguf_type.value, overwrite)
+        else:
+            written = export_merged(registry, adapter, output, dtype.value if dtype else None, overwrite)
+    except (*USER_ERRORS, ExportError) as err:
+        _fail(err)
+    console.print(f"[green]finch: exported {adapter} ({format.value}) to {written}[/]")
 
 
 def _interactive_prompts():

@@ -20,27 +20,11 @@ from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import publish, resolve_adapter
 from finch.config import EngineConfig
 from finch.serve.engine import AdapterRefused, ServingEngine
+from tests.conftest import make_adapter
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 12
 PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [44, 2, 19, 7, 300, 12], [9, 81, 6, 150, 42, 11, 77, 23], [61, 5, 5, 300, 2]]
-
-
-def make_adapter(model_dir: Path, folder: Path, seed: int, r: int = 8, **lora) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir),
-        LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **lora),
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)  # a fresh adapter is a no-op; these change the outputs
-    model.save_pretrained(folder)
-    return folder
 
 
 def register(registry: Path, name: str, adapter_dir: Path, base_dir: Path) -> None:

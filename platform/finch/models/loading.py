@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from finch.config import ConfigError, LoraConfig, ModelConfig, QLoraConfig, RunConfig
+from finch.config import ConfigError, LoraConfig, ModelConfig, QLoraConfig, RunConfig, validate_config
+from finch.registry.store import AdapterEntry, RegistryError
 
 # Only these files are fetched from the hub: safetensors weights, never pickled .bin files.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*", "*.txt"]
@@ -45,6 +46,19 @@ def resolve_model_path(path: str) -> str:
         return snapshot_download(path, allow_patterns=HUB_ALLOW_PATTERNS)
     except (HfHubHTTPError, LocalEntryNotFoundError) as err:
         raise ConfigError(f"model.path {path!r} is no local folder and could not be fetched from the hub: {err}") from None
+
+
+def trained_base_folder(entries: list[AdapterEntry]) -> str:
+    """The local folder of the base model registry adapters were trained on, checked by fingerprint."""
+    from finch.fingerprint import fingerprint_model_folder
+
+    bases = {entry.manifest["base_model"]["fingerprint"] for entry in entries}
+    if len(bases) != 1:
+        raise RegistryError(f"adapters {', '.join(e.ref for e in entries)} were trained on different base models")
+    folder = resolve_model_path(validate_config(entries[0].manifest["config"]).model.path)
+    if fingerprint_model_folder(folder) not in bases:
+        raise RegistryError(f"base model at {folder} is not the one {entries[0].ref} was trained on (fingerprint differs)")
+    return folder
 
 
 def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:

@@ -1,0 +1,103 @@
+"""`finch export REF --format merged`: a registry entry as one standalone 16-bit model folder.
+
+The adapter is merged into its base (PEFT `merge_and_unload`), and the folder holds what plain
+transformers, vLLM or llama.cpp's converter load without PEFT or finch: config, safetensors
+weights, generation config, the tokenizer files the model was trained with, plus
+`finch_export.json` naming the source entry.
+
+A QLoRA adapter was trained against the 4-bit base, so it merges into that base loaded in 4-bit
+as in training and then dequantized to 16-bit: the merged model computes what the trained one
+did. (4-bit weights cannot hold a merge; the original 16-bit weights would differ from what the
+adapter was trained with by the quantization error.) A fully fine-tuned entry is already a whole
+model: it is cast and written the same way.
+
+The folder is written into a staging folder beside the target and renamed into place, so a
+reader never sees half an export.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finch.config import ConfigError, validate_config
+from finch.models.loading import load_base_model, trained_base_folder
+from finch.registry.store import AdapterEntry, resolve_adapter
+
+EXPORT_MANIFEST = "finch_export.json"
+# Copied as they are, not re-saved by transformers: a re-save may drop the SentencePiece
+# `tokenizer.model` that llama.cpp's converter reads.
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.model", "*.jinja", "vocab.json", "merges.txt")
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def export_merged(
+    registry_dir: str | Path, ref: str, output: str | Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write `ref` merged into its base as a 16-bit model folder at `output`; returns the folder."""
+    entry = resolve_adapter(registry_dir, ref)
+    config = validate_config(entry.manifest["config"])
+    dtype = dtype or (config.model.dtype if config.model.dtype in SIXTEEN_BIT else "bfloat16")
+    if dtype not in SIXTEEN_BIT:
+        raise ConfigError(f"dtype {dtype}: a merged export is 16-bit ({' or '.join(SIXTEEN_BIT)})")
+    output = Path(output).resolve()
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    model, tokenizer_folder = merged_model(entry)
+    model = model.to(getattr(torch, dtype))
+    model.config.use_cache = True  # training turned the KV cache off; generation wants it
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        copy_tokenizer_files(Path(tokenizer_folder), staging)
+        (staging / EXPORT_MANIFEST).write_text(json.dumps(export_manifest(entry, dtype), indent=2))
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def merged_model(entry: AdapterEntry) -> tuple[Any, str]:
+    """The entry's weights as one plain transformers model (no PEFT layers) on the CPU, and the
+    folder whose tokenizer goes with it."""
+    from peft import PeftModel
+
+    config = validate_config(entry.manifest["config"])
+    # A registry manifest is data, not a trust decision: never run model code because of it.
+    model_config = config.model.model_copy(update={"trust_remote_code": False, "dropout": None})
+    if entry.kind == "model":
+        return load_base_model(model_config, str(entry.path)), str(entry.path)
+    folder = trained_base_folder([entry])
+    quantization = config.qlora if config.train.method == "qlora" else None
+    base = load_base_model(model_config, folder, quantization=quantization)
+    if quantization is not None:
+        base = base.dequantize()  # 4-bit -> the 16-bit weights the adapter was trained against
+    peft_model = PeftModel.from_pretrained(base, entry.path)
+    return peft_model.merge_and_unload(safe_merge=True), folder  # safe_merge: refuses NaN/inf weights
+
+
+def copy_tokenizer_files(source: Path, target: Path) -> None:
+    for pattern in TOKENIZER_FILES:
+        for path in source.glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, target / path.name)
+
+
+def export_manifest(entry: AdapterEntry, dtype: str) -> dict[str, Any]:
+    return {
+        "source": entry.ref,
+        "kind": entry.kind,
+        "method": entry.manifest["config"]["train"]["method"],
+        "base_model": entry.manifest.get("base_model"),
+        "template": entry.manifest.get("template"),
+        "dtype": dtype,
+    }
