@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,10 +36,15 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
              "server": {"port": free_port(), "num_replicas": 2, "cpus_per_replica": 1}}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
 
-    result = subprocess.run([sys.executable, "-m", "tests.integration.two_node_cluster", "run.yaml", "serve.yaml",
-                             "seen.json"],
-                            cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=900)
+    # Ray's temp folder of its own (short: socket paths live under it), so the address record
+    # the Cluster writes there never points later `ray.init()` calls at a cluster that is gone.
+    ray_tmp = tempfile.mkdtemp(prefix="finch-ray-", dir="/tmp")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    try:
+        result = subprocess.run([sys.executable, "-m", "tests.integration.two_node_cluster", "run.yaml", "serve.yaml",
+                                 "seen.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen["nodes"] == 2 and seen["registered"] == "facts-2n@v1"

@@ -15,6 +15,8 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
+from tests.integration.test_jobs import free_ports
+
 
 def actor_nodes(gcs_address: str, class_name: str) -> list[str]:
     return [a.node_id for a in list_actors(address=gcs_address, filters=[("class_name", "=", class_name)], detail=True)]
@@ -27,8 +29,14 @@ def main(run_config_path: str, serve_config_path: str, observations_path: str) -
 
     # Serve's proxy prefers the replica on its own node; spread requests so both replicas answer.
     os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    # Ports of its own: another Ray instance on the machine (the test session's) holds the default
+    # dashboard and agent ports, and without a dashboard the state API below cannot list actors.
+    dashboard, head_agent, head_metrics, node_metrics = free_ports(4)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": dashboard,
+        "dashboard_agent_listen_port": head_agent, "metrics_export_port": head_metrics,
+    })
+    cluster.add_node(num_cpus=1, metrics_export_port=node_metrics)
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address
     ray.init(address=cluster.address)
