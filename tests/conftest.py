@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,21 @@ CHATML_TEMPLATE = (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (all held at once while choosing, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def shared_file(relative: str) -> Path:

@@ -302,12 +302,16 @@ class SearchConfig(Section):
         "{uniform: [low, high]}, {loguniform: [low, high]}, {randint: [low, high]} (inclusive).",
     )
 
+    def dimensions(self) -> list[tuple[str, str, list[Any]]]:
+        """(key, kind, values) for every searched key (the validator allows one kind per key)."""
+        return [(key, *next(iter(spec.items()))) for key, spec in self.space.items()]
+
     @model_validator(mode="after")
     def _space_is_well_formed(self) -> SearchConfig:
         for key, spec in self.space.items():
             if len(spec) != 1:
                 raise ValueError(f"search.space.{key}: give exactly one of {', '.join(SEARCH_KINDS)} (got {sorted(spec)})")
-            (kind, values), = spec.items()
+        for key, kind, values in self.dimensions():
             arity = SEARCH_KINDS[kind]
             if (arity and len(values) != arity) or not values:
                 raise ValueError(f"search.space.{key}.{kind}: takes {arity or 'one or more'} values (got {values})")
@@ -393,17 +397,23 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} must look like section.key=value")
+    # YAML parsing gives '1e-4' -> float, 'true' -> bool, '[a, b]' -> list, like the file would.
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}: cannot parse value {text!r} (YAML syntax)") from None
+    set_dotted(raw, key, value)
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw["a"]["b"]["c"] = value for key "a.b.c", creating missing sections."""
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {part} is not a section")
-    # YAML parsing gives '1e-4' -> float, 'true' -> bool, '[a, b]' -> list, like the file would.
-    try:
-        node[leaf] = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"override {key}: cannot parse value {text!r} (YAML syntax)") from None
+    node[leaf] = value
 
 
 def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:

@@ -11,11 +11,12 @@ gathered into one loadable model, identical to what DDP trains.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +36,6 @@ def allow_cpu_fsdp() -> None:
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = init
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_rank(rank: int, port: int, tmp: str, model_dir: str, strategy: str, patch: bool, results) -> None:

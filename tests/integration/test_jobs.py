@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 import subprocess
 import sys
@@ -17,23 +16,13 @@ import pytest
 import yaml
 
 from finch.registry.store import resolve_adapter
-from tests.conftest import run_config_dict, write_jsonl
+from tests.conftest import free_ports, run_config_dict, write_jsonl
 from tests.integration.test_train_e2e import FACTS
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RUNTIME_ENV = '{"py_modules": ["platform/finch"]}'  # finch importable on a cluster that lacks it
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

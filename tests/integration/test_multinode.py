@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_config_dict, write_jsonl
-from tests.integration.test_serve_http import free_port
+from tests.conftest import free_port, run_config_dict, write_jsonl
 from tests.integration.test_train_e2e import FACTS
 
 pytestmark = pytest.mark.integration

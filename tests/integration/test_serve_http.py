@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import socket
 import time
 
 import httpx
@@ -13,7 +12,7 @@ import torch
 
 from finch.config import ServeConfig, validate_config
 from finch.data.tokenization import prompt_token_ids
-from tests.conftest import make_tokenizer
+from tests.conftest import free_port, make_tokenizer
 from tests.integration.test_serve_engine import make_adapter, register
 
 pytestmark = pytest.mark.integration
@@ -24,12 +23,6 @@ CHROMIUM = os.environ.get("FINCH_CHROMIUM", "/usr/bin/chromium")
 # The machine's network is closed: keep Chromium from trying to reach Google's services.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

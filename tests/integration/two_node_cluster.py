@@ -15,7 +15,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from tests.integration.test_jobs import free_ports
+from tests.conftest import free_ports
 
 
 def actor_nodes(gcs_address: str, class_name: str) -> list[str]:

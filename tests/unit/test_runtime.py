@@ -6,6 +6,7 @@ import logging
 import socket
 
 from finch.runtime import cluster_address
+from tests.conftest import free_port
 
 
 def record_ray_start(monkeypatch, tmp_path, address: str) -> None:
@@ -16,9 +17,7 @@ def record_ray_start(monkeypatch, tmp_path, address: str) -> None:
 
 
 def test_a_dead_recorded_cluster_means_a_local_one_with_a_warning(monkeypatch, tmp_path, caplog):
-    with socket.socket() as probe:  # a port nothing listens on any more
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there
     record_ray_start(monkeypatch, tmp_path, f"127.0.0.1:{port}")
     with caplog.at_level(logging.WARNING, logger="finch"):
         assert cluster_address() == "local"

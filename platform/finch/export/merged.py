@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from finch.config import ConfigError, validate_config
+from finch.config import ConfigError, RunConfig, validate_config
 from finch.models.loading import load_base_model, trained_base_folder
 from finch.registry.store import AdapterEntry, resolve_adapter
 
@@ -48,7 +48,7 @@ def export_merged(
     output = Path(output).resolve()
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
-    model, tokenizer_folder = merged_model(entry)
+    model, tokenizer_folder = merged_model(entry, config)
     model = model.to(getattr(torch, dtype))
     model.config.use_cache = True  # training turned the KV cache off; generation wants it
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -66,12 +66,11 @@ def export_merged(
     return output
 
 
-def merged_model(entry: AdapterEntry) -> tuple[Any, str]:
-    """The entry's weights as one plain transformers model (no PEFT layers) on the CPU, and the
-    folder whose tokenizer goes with it."""
+def merged_model(entry: AdapterEntry, config: RunConfig) -> tuple[Any, str]:
+    """The entry's weights (trained with `config`) as one plain transformers model (no PEFT
+    layers) on the CPU, and the folder whose tokenizer goes with it."""
     from peft import PeftModel
 
-    config = validate_config(entry.manifest["config"])
     # A registry manifest is data, not a trust decision: never run model code because of it.
     model_config = config.model.model_copy(update={"trust_remote_code": False, "dropout": None})
     if entry.kind == "model":

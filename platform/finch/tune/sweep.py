@@ -20,7 +20,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from rich.console import Console
 
-from finch.config import ConfigError, RunConfig, SweepConfig, dump_config, load_config, validate_config
+from finch.config import ConfigError, RunConfig, SweepConfig, dump_config, load_config, set_dotted, validate_config
 from finch.data.pipeline import PreparedData, prepare_datasets
 from finch.models.loading import resolve_model_path
 from finch.registry.store import AdapterEntry
@@ -100,8 +100,7 @@ def base_run_config(config: SweepConfig) -> RunConfig:
 def check_space(config: SweepConfig, base: RunConfig) -> None:
     """Build a trial config from every listed value and range end, so a bad key or value fails
     now, naming it, and not in the middle of the sweep."""
-    for key, spec in config.search.space.items():
-        (kind, values), = spec.items()
+    for key, kind, values in config.search.dimensions():
         for value in values:
             try:
                 trial_config(base, {key: value}, "check", Path("."))
@@ -114,11 +113,7 @@ def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str, sweep_d
     raw = dump_config(base) | {"name": f"trial-{trial_id}", "output_dir": str(sweep_dir / "trials")}
     raw["tracking"] = {**raw["tracking"], "mlflow": False}  # the sweep's results table is the record
     for key, value in params.items():
-        *sections, leaf = key.split(".")
-        node = raw
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
+        set_dotted(raw, key, value)
     return validate_config(raw, origin=f"trial {trial_id}")
 
 
@@ -134,7 +129,7 @@ def search_space(config: SweepConfig) -> dict[str, Any]:
             return tune.loguniform(*values)
         return tune.randint(values[0], values[1] + 1)  # randint's high is exclusive; finch's is inclusive
 
-    return {key: domain(*next(iter(spec.items()))) for key, spec in config.search.space.items()}
+    return {key: domain(kind, values) for key, kind, values in config.search.dimensions()}
 
 
 def tune_config(config: SweepConfig) -> tune.TuneConfig:
