@@ -47,7 +47,12 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
 
-test: setup $(CHROMIUM)
+# The GGUF export test runs the file in llama.cpp.
+$(VENV)/.llamacpp: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[llamacpp]"
+	touch $@
+
+test: setup $(VENV)/.llamacpp $(CHROMIUM)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:

@@ -82,7 +82,7 @@ def make_tiny_model_dir(path: Path, chat_template: bool = True, seed: int = 0, h
     return path
 
 
-def make_adapter(model_dir: Path, folder: Path, seed: int, r: int = 8, **lora) -> Path:
+def make_adapter(model_dir: Path, folder: Path, seed: int, r: int = 8, b_std: float = 0.5, **lora) -> Path:
     """A random LoRA adapter on every linear projection, saved in PEFT layout (B nonzero, so it changes outputs)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -96,7 +96,7 @@ def make_adapter(model_dir: Path, folder: Path, seed: int, r: int = 8, **lora) -
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5)  # a fresh adapter is a no-op; these change the outputs
+                param.normal_(0, b_std)  # a fresh adapter is a no-op; these change the outputs
     model.save_pretrained(folder)
     return folder
 

@@ -20,10 +20,10 @@ from tests.conftest import make_adapter, run_config_dict
 IDS = torch.randint(0, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def register(tmp_path: Path, model_dir: Path, name: str, **sections) -> Path:
+def register(tmp_path: Path, model_dir: Path, name: str, b_std: float = 0.5, **sections) -> Path:
     """A random adapter published as `name` with the manifest a training run writes."""
     config = validate_config(run_config_dict(tmp_path, model_dir, ["unused.jsonl"], name=name, **sections))
-    adapter = make_adapter(model_dir, tmp_path / f"{name}-files", seed=3)
+    adapter = make_adapter(model_dir, tmp_path / f"{name}-files", seed=3, b_std=b_std)
     files = {f: adapter / f for f in ("adapter_config.json", "adapter_model.safetensors")}
     manifest = {"config": dump_config(config), "template": "chat",
                 "base_model": {"id": str(model_dir), "fingerprint": fingerprint_model_folder(model_dir)}}

