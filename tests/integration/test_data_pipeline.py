@@ -35,6 +35,13 @@ def test_every_format_packs_densely(ray_local, tiny_model_dir):
     assert stats["packing_efficiency"] > 0.97
     row = prepared.train.take(1)[0]
     assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == 256
+    # the same rows in the same order every time: a resumed run skips the batches it already trained on
+    again = prepare_datasets(DataConfig(train_files=files, max_length=256), str(tiny_model_dir))
+    assert rows_of(again.train) == rows_of(prepared.train)
+
+
+def rows_of(dataset) -> list[list[int]]:
+    return [list(row["input_ids"]) for row in dataset.iter_rows()]
 
 
 def test_eval_fraction_holds_out_examples(ray_local, tiny_model_dir):

@@ -67,6 +67,17 @@ def test_packed_loss_equals_mean_of_token_losses(tiny_model_dir):
     torch.testing.assert_close(packed_loss, sums / count, atol=1e-5, rtol=1e-4)
 
 
+def test_packed_batches_drop_the_padding_no_row_needs():
+    rows = pack_examples([[1, 2, 3], [4, 5], [6]], [[-100, 2, 3], [-100, 5], [6]], max_length=8, pad_id=0)
+    batch = RowCollator(pad_id=0)([{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]  # one row of 6 tokens: 2 padding slots cut
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    rows = pack_examples([[1, 2, 3, 4, 5], [6, 7, 8, 9]], [[1, 2, 3, 4, 5], [6, 7, 8, 9]], max_length=8, pad_id=0)
+    batch = RowCollator(pad_id=0)([{k: rows[k][i] for k in rows} for i in range(2)])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]  # cut to the fuller row
+    assert batch["labels"][1, -1] == IGNORE_INDEX
+
+
 def test_unpacked_rows_pad_to_longest_with_attention_mask():
     batch = RowCollator(pad_id=0)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]

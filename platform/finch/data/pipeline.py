@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import ray
 import ray.data
+from ray.data.expressions import col
 
 from finch.config import DataConfig
 from finch.data.formats import kind_of, normalize
@@ -25,6 +26,9 @@ from finch.data.templates import resolve_template
 from finch.data.tokenization import IGNORE_INDEX, tokenize_preference, tokenize_sample, tokenize_text_chunks
 
 PACK_GROUP_EXAMPLES = 2048  # examples packed together; larger groups fill rows better
+# Rows per tokenization task: a file is read as one block, and one block is one task; smaller
+# blocks let every CPU tokenize (bench/data.py).
+TOKENIZE_BLOCK_ROWS = 1024
 # The sample kinds (formats.kind_of) each training objective can use.
 OBJECTIVE_KINDS = {"sft": ("conversation", "text"), "pretrain": ("text",), "dpo": ("preference",)}
 STAT_COLUMNS = ["length", "truncated", "trainable", "source"]
@@ -84,8 +88,9 @@ def tokenize_files(
     for path in files:
         check_readable(path)
     records = ray.data.from_items([{"path": path} for path in files]).flat_map(_read_file)
+    records = records.repartition(target_num_rows_per_block=TOKENIZE_BLOCK_ROWS)
     examples = records.map_batches(
-        _tokenize_batch,
+        tokenize_batch,
         batch_format="pandas",
         fn_kwargs={"data": data, "tokenizer_path": tokenizer_path, "template": template, "objective": objective},
     )
@@ -104,14 +109,14 @@ def hold_out(examples: ray.data.Dataset, data: DataConfig, by_document: bool) ->
     if len(documents) < 2:
         raise DatasetError("data.eval_fraction needs at least 2 documents to hold some out; set data.eval_files")
     count = min(len(documents) - 1, max(1, round(len(documents) * data.eval_fraction)))
-    held_out = set(random.Random(data.seed).sample(documents, count))
-    eval_examples = examples.filter(lambda row: row["source"] in held_out).materialize()
-    return examples.filter(lambda row: row["source"] not in held_out).materialize(), eval_examples
+    held_out = random.Random(data.seed).sample(documents, count)
+    eval_examples = examples.filter(expr=col("source").is_in(held_out)).materialize()
+    return examples.filter(expr=col("source").not_in(held_out)).materialize(), eval_examples
 
 
 def _with_answers(examples: ray.data.Dataset, files: list[str]) -> ray.data.Dataset:
     """Drop examples whose answer was truncated away entirely: they carry no loss."""
-    kept = examples.filter(lambda row: row["trainable"] > 0).materialize()
+    kept = examples.filter(expr=col("trainable") > 0).materialize()
     if kept.count() == 0:
         raise DatasetError(f"no example in {', '.join(files)} keeps an answer token within data.max_length")
     return kept
@@ -172,7 +177,7 @@ def _read_file(item: dict[str, Any]) -> list[dict[str, str]]:
     return [{"source": source, "record": json.dumps(record, default=str)} for source, record in iter_records(item["path"])]
 
 
-def _tokenize_batch(
+def tokenize_batch(
     batch: pd.DataFrame, data: DataConfig, tokenizer_path: str, template: str, objective: str
 ) -> pd.DataFrame:
     tokenizer = load_tokenizer(tokenizer_path)

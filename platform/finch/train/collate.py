@@ -1,4 +1,4 @@
-"""Batch rows for the model: packed rows stack as they are, unpacked rows pad to the longest."""
+"""Batch rows for the model: packed rows stack up to the fullest one, unpacked rows pad to the longest."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ class RowCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "position_ids" in rows[0]:
             # Packed: no attention mask, so transformers builds a block-diagonal mask from the
-            # position_ids restarts (see finch.data.packing).
-            return {key: torch.tensor([list(row[key]) for row in rows]) for key in ("input_ids", "labels", "position_ids")}
+            # position_ids restarts (see finch.data.packing). A row's padding is its own block at
+            # its end and carries no loss, so the padding past the batch's fullest row is cut:
+            # nothing else attends to it, and a batch of rows that packed loosely costs less.
+            length = max(row.get("num_tokens", len(row["input_ids"])) for row in rows)
+            return {key: torch.tensor([list(row[key])[:length] for row in rows]) for key in ("input_ids", "labels", "position_ids")}
         longest = max(len(row["input_ids"]) for row in rows)
         batch: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
         for row in rows:
