@@ -282,9 +282,14 @@ def main() -> None:
             baselines, results = {}, []
             for packing in (False, True):
                 baselines[f"{method}-{packing}"] = trl_variant(args, work, method, packing)
+            failed = []
             for workers in args.workers:
-                results.append(finch_variant(args, work, method, workers))
+                try:
+                    results.append(finch_variant(args, work, method, workers))
+                except SystemExit as err:  # e.g. out of memory: the other variants still count
+                    failed.append(f"finch, {method}, {workers} workers failed: {str(err).splitlines()[0]}")
             print(f"\n{table(list(baselines.values()) + results, tokens, baselines)}\n")
+            print("\n".join(failed))
             for result in (*baselines.values(), *results):
                 print(f"memory at the peak of {result.variant} (GiB): {result.memory.breakdown()}", flush=True)
     finally:
