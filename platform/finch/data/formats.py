@@ -74,7 +74,7 @@ def normalize(record: dict[str, Any], fmt: str, source: str, system_prompt: str 
         if messages[-1]["role"] == "assistant":
             raise DatasetError(f"{source}: the prompt of a preference pair ends with an assistant turn")
     else:
-        _check_answers(messages, source)
+        _check_has_answer(messages, source)
     return sample
 
 
@@ -94,15 +94,16 @@ def _alpaca(record: dict[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-def _openai_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    turns = _turn_list(record, "messages")
+def _openai_messages(record: dict[str, Any], field: str = "messages") -> list[dict[str, str]]:
+    turns = _turn_list(record, field)
     messages = []
     for index, turn in enumerate(turns):
         role, content = turn.get("role"), turn.get("content")
         if role not in ROLES:
-            raise DatasetError(f"field messages[{index}].role: {role!r} is not one of {', '.join(ROLES)}")
+            raise DatasetError(f"field {field}[{index}].role: {role!r} is not one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise DatasetError(f"field messages[{index}].content: expected a string, got {type(content).__name__}")
+            raise DatasetError(f"field {field}[{index}].content: expected a string, got {type(content).__name__}")
+        _check_answer(role, content, f"{field}[{index}].content")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -118,6 +119,7 @@ def _sharegpt(record: dict[str, Any]) -> list[dict[str, str]]:
             )
         if not isinstance(value, str):
             raise DatasetError(f"field conversations[{index}].value: expected a string, got {type(value).__name__}")
+        _check_answer(SHAREGPT_ROLES[speaker], value, f"conversations[{index}].value")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return messages
 
@@ -126,7 +128,7 @@ def _prompt_completion(record: dict[str, Any]) -> list[dict[str, str]]:
     prompt, completion = record.get("prompt"), record.get("completion")
     # TRL's conversational variant: prompt and completion are lists of messages.
     if isinstance(prompt, list) and isinstance(completion, list):
-        return _openai_messages({"messages": prompt + completion})
+        return _openai_messages(record, "prompt") + _openai_messages(record, "completion")
     return [
         {"role": "user", "content": _string(record, "prompt", allow_empty=False)},
         {"role": "assistant", "content": _string(record, "completion", allow_empty=False)},
@@ -150,7 +152,7 @@ def _sharegpt_preference(record: dict[str, Any]) -> tuple[list[dict[str, str]], 
         turn = record.get(field)
         if not isinstance(turn, dict) or SHAREGPT_ROLES.get(turn.get("from")) != "assistant":
             raise DatasetError(f"field {field}: expected an assistant turn like {{'from': 'gpt', 'value': ...}}")
-        answers.append(_string(turn, "value", allow_empty=False))
+        answers.append(_string(turn, "value", allow_empty=False, name=f"{field}.value"))
     return prompt, answers[0], answers[1]
 
 
@@ -158,7 +160,7 @@ def _prompt_chosen_rejected(record: dict[str, Any]) -> tuple[list[dict[str, str]
     """TRL's preference format: prompt + chosen / rejected, as strings or as message lists."""
     prompt = record.get("prompt")
     if isinstance(prompt, list):
-        messages = _openai_messages({"messages": prompt})
+        messages = _openai_messages(record, "prompt")
     else:
         messages = [{"role": "user", "content": _string(record, "prompt", allow_empty=False)}]
     return messages, _single_answer(record, "chosen"), _single_answer(record, "rejected")
@@ -168,13 +170,10 @@ def _single_answer(record: dict[str, Any], field: str) -> str:
     """An answer given as a string, or as a list holding one assistant message."""
     value = record.get(field)
     if isinstance(value, list):
-        turns = _openai_messages({"messages": value})
+        turns = _openai_messages(record, field)
         if len(turns) != 1 or turns[0]["role"] != "assistant":
             raise DatasetError(f"field {field}: expected one assistant message")
-        value = turns[0]["content"]
-        if not value.strip():
-            raise DatasetError(f"field {field} is empty")
-        return value
+        return turns[0]["content"]
     return _string(record, field, allow_empty=False)
 
 
@@ -188,23 +187,28 @@ def _turn_list(record: dict[str, Any], field: str) -> list[dict[str, Any]]:
     return turns
 
 
-def _string(record: dict[str, Any], field: str, allow_empty: bool = True) -> str:
+def _string(record: dict[str, Any], field: str, allow_empty: bool = True, name: str | None = None) -> str:
+    """record[field] as a string; errors call it `name` (its path in the row), default `field`."""
+    name = name or field
     value = record.get(field)
     if value is None:
-        raise DatasetError(f"missing field {field!r}")
+        raise DatasetError(f"missing field {name!r}")
     if not isinstance(value, str):
-        raise DatasetError(f"field {field}: expected a string, got {type(value).__name__}")
+        raise DatasetError(f"field {name}: expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise DatasetError(f"field {field} is empty")
+        raise DatasetError(f"field {name} is empty")
     return value
 
 
-def _check_answers(messages: list[dict[str, str]], source: str) -> None:
+def _check_answer(role: str, content: str, name: str) -> None:
+    # An empty answer would teach the model to stop at once; checked where the field name is known.
+    if role == "assistant" and not content.strip():
+        raise DatasetError(f"field {name} is empty")
+
+
+def _check_has_answer(messages: list[dict[str, str]], source: str) -> None:
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{source}: conversation has no assistant turn, so nothing to train on")
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant" and not message["content"].strip():
-            raise DatasetError(f"{source}: assistant turn {index} is empty")
 
 
 def _check_turn_order(messages: list[dict[str, str]], source: str) -> None:

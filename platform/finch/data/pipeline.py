@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,16 @@ from finch.data.formats import kind_of, normalize
 from finch.data.packing import pack_examples
 from finch.data.readers import DatasetError, check_readable, iter_records
 from finch.data.templates import resolve_template
-from finch.data.tokenization import IGNORE_INDEX, tokenize_preference, tokenize_sample, tokenize_text_chunks
+from finch.data.tokenization import (
+    IGNORE_INDEX,
+    PreferenceExample,
+    TokenizedExample,
+    tokenize_preference,
+    tokenize_sample,
+    tokenize_text_chunks,
+)
+
+logger = logging.getLogger("finch.data")
 
 PACK_GROUP_EXAMPLES = 2048  # examples packed together; larger groups fill rows better
 # Rows per tokenization task: a file is read as one block, and one block is one task; smaller
@@ -31,12 +41,20 @@ PACK_GROUP_EXAMPLES = 2048  # examples packed together; larger groups fill rows 
 TOKENIZE_BLOCK_ROWS = 1024
 # The sample kinds (formats.kind_of) each training objective can use.
 OBJECTIVE_KINDS = {"sft": ("conversation", "text"), "pretrain": ("text",), "dpo": ("preference",)}
-STAT_COLUMNS = ["length", "truncated", "trainable", "source"]
+# skipped: "" for a kept example, else a SKIP_LABELS key; skip_reason: "file:line: problem".
+STAT_COLUMNS = ["length", "truncated", "trainable", "source", "skipped", "skip_reason"]
+# Rows dropped because data.bad_rows / data.overlong say 'skip', keyed by that setting's name.
+SKIP_LABELS = {"bad_rows": "bad rows", "overlong": "over-long examples"}
+SKIP_REASONS_LOGGED = 5
 ROW_COLUMNS = {
     "sft": ["input_ids", "labels"],
     "pretrain": ["input_ids", "labels"],
     "dpo": ["prompt_ids", "chosen_ids", "rejected_ids"],
 }
+
+
+class OverlongExample(DatasetError):
+    """An example longer than data.max_length while data.overlong is 'skip' or 'error'."""
 
 
 @dataclass
@@ -65,12 +83,12 @@ def prepare_datasets(data: DataConfig, tokenizer_path: str, objective: str = "sf
     tokenize = functools.partial(
         tokenize_files, data=data, tokenizer_path=tokenizer_path, template=template, objective=objective
     )
-    examples = tokenize(data.train_files)
-    stats = example_stats(examples, data.max_length)
+    examples, skipped = tokenize(data.train_files)
+    stats = example_stats(examples, data.max_length) | skipped
     examples = _with_answers(examples, data.train_files)
     eval_examples = None
     if data.eval_files:
-        eval_examples = _with_answers(tokenize(data.eval_files), data.eval_files)
+        eval_examples = _with_answers(tokenize(data.eval_files)[0], data.eval_files)
     elif data.eval_fraction:
         examples, eval_examples = hold_out(examples, data, by_document=objective == "pretrain")
     pad_id = load_tokenizer(tokenizer_path).pad_token_id
@@ -84,10 +102,11 @@ def prepare_datasets(data: DataConfig, tokenizer_path: str, objective: str = "sf
 
 def tokenize_files(
     files: list[str], data: DataConfig, tokenizer_path: str, template: str, objective: str = "sft"
-) -> ray.data.Dataset:
+) -> tuple[ray.data.Dataset, dict[str, int]]:
+    """The files' examples, and the counts of rows skipped (stats keys skipped_bad_rows, skipped_overlong)."""
     for path in files:
         check_readable(path)
-    records = ray.data.from_items([{"path": path} for path in files]).flat_map(_read_file)
+    records = ray.data.from_items([{"path": path} for path in files]).flat_map(read_file_rows)
     records = records.repartition(target_num_rows_per_block=TOKENIZE_BLOCK_ROWS)
     examples = records.map_batches(
         tokenize_batch,
@@ -95,9 +114,36 @@ def tokenize_files(
         fn_kwargs={"data": data, "tokenizer_path": tokenizer_path, "template": template, "objective": objective},
     )
     examples = raise_dataset_errors(examples.materialize)
+    skipped = count_skipped(examples, files)
+    examples = examples.filter(expr=col("skipped") == "").materialize()
     if examples.count() == 0:
-        raise DatasetError(f"no examples in {', '.join(files)}: the files hold no rows")
-    return examples
+        why = "the files hold no rows"
+        if any(skipped.values()):
+            why = f"every row was skipped ({describe_skipped(skipped)})"
+        raise DatasetError(f"no examples in {', '.join(files)}: {why}")
+    return examples, skipped
+
+
+def count_skipped(examples: ray.data.Dataset, files: list[str]) -> dict[str, int]:
+    """Rows skipped per kind; a warning quotes the first reasons, so the user can find those rows."""
+    skipped = examples.filter(expr=col("skipped") != "").select_columns(["skipped", "skip_reason"]).to_pandas()
+    kinds = list(skipped.get("skipped", []))  # with nothing skipped, Ray's frame has no columns either
+    counts = {f"skipped_{kind}": kinds.count(kind) for kind in SKIP_LABELS}
+    if kinds:
+        logger.warning(
+            "finch: skipped %s in %s (data.bad_rows / data.overlong: skip); the first: %s",
+            describe_skipped(counts),
+            ", ".join(files),
+            "; ".join(skipped["skip_reason"].head(SKIP_REASONS_LOGGED)),
+        )
+    return counts
+
+
+def describe_skipped(stats: dict[str, Any]) -> str:
+    """'2 bad rows, 1 over-long examples' from the skipped_* counts; '' when nothing was skipped."""
+    return ", ".join(
+        f"{stats[f'skipped_{kind}']} {label}" for kind, label in SKIP_LABELS.items() if stats.get(f"skipped_{kind}")
+    )
 
 
 def hold_out(examples: ray.data.Dataset, data: DataConfig, by_document: bool) -> tuple[ray.data.Dataset, ray.data.Dataset]:
@@ -171,10 +217,16 @@ def raise_dataset_errors(action):
         raise DatasetError(str(getattr(err, "cause", err)).splitlines()[0]) from None
 
 
-def _read_file(item: dict[str, Any]) -> list[dict[str, str]]:
-    # Records travel as JSON text: rows from different formats have different nested shapes,
-    # which one Arrow schema cannot hold.
-    return [{"source": source, "record": json.dumps(record, default=str)} for source, record in iter_records(item["path"])]
+def read_file_rows(item: dict[str, Any]) -> list[dict[str, str]]:
+    """One file's rows as the pipeline carries them: {"source": "file:line", "record": JSON text}."""
+    # JSON text, because rows from different formats have different nested shapes, which one
+    # Arrow schema cannot hold. A row the reader cannot parse travels as its error message (a
+    # JSON string, where records are objects), so that tokenize_batch applies data.bad_rows to
+    # it like to any other bad row, in file order.
+    return [
+        {"source": source, "record": json.dumps(str(record) if isinstance(record, DatasetError) else record, default=str)}
+        for source, record in iter_records(item["path"], mark_bad_rows=True)
+    ]
 
 
 def tokenize_batch(
@@ -183,26 +235,48 @@ def tokenize_batch(
     tokenizer = load_tokenizer(tokenizer_path)
     out: dict[str, list] = {column: [] for column in ROW_COLUMNS[objective] + STAT_COLUMNS}
     for source, record in zip(batch["source"], batch["record"]):
-        sample = normalize(json.loads(record), data.format, source, data.system_prompt)
-        if kind_of(sample) not in OBJECTIVE_KINDS[objective]:
-            raise DatasetError(
-                f"{source}: train.objective {objective} trains on {' or '.join(OBJECTIVE_KINDS[objective])} rows; "
-                f"this row is a {kind_of(sample)}"
-            )
         try:
-            examples = _examples(sample, template, tokenizer, data.max_length, objective)
+            examples = _row_examples(source, json.loads(record), data, template, tokenizer, objective)
         except DatasetError as err:
-            raise DatasetError(f"{source}: {err}") from None
+            kind = "overlong" if isinstance(err, OverlongExample) else "bad_rows"
+            if getattr(data, kind) == "error":
+                raise
+            examples = [_skipped_example(kind, str(err), objective)]
         for example in examples:
-            for column, value in {**example, "source": source}.items():
+            for column, value in {"skipped": "", "skip_reason": "", **example, "source": source}.items():
                 out[column].append(value)
     return pd.DataFrame(out)
 
 
-def _examples(sample: dict[str, Any], template: str, tokenizer: Any, max_length: int, objective: str) -> list[dict]:
+def _row_examples(
+    source: str, record: dict[str, Any] | str, data: DataConfig, template: str, tokenizer: Any, objective: str
+) -> list[dict]:
+    """One row's examples; a DatasetError names the row (source) and its problem."""
+    if isinstance(record, str):  # the reader's error for a row it could not parse (see read_file_rows)
+        raise DatasetError(record)
+    sample = normalize(record, data.format, source, data.system_prompt)
+    if kind_of(sample) not in OBJECTIVE_KINDS[objective]:
+        raise DatasetError(
+            f"{source}: train.objective {objective} trains on {' or '.join(OBJECTIVE_KINDS[objective])} rows; "
+            f"this row is a {kind_of(sample)}"
+        )
+    try:
+        return _examples(sample, template, tokenizer, data, objective)
+    except DatasetError as err:
+        raise type(err)(f"{source}: {err}") from None  # type(err): an OverlongExample stays one
+
+
+def _skipped_example(kind: str, reason: str, objective: str) -> dict[str, Any]:
+    """A stand-in for a skipped row: it carries the reason to the stats, then is dropped."""
+    no_ids = {column: [] for column in ROW_COLUMNS[objective]}
+    return {**no_ids, "length": 0, "truncated": False, "trainable": 0, "skipped": kind, "skip_reason": reason}
+
+
+def _examples(sample: dict[str, Any], template: str, tokenizer: Any, data: DataConfig, objective: str) -> list[dict]:
     """One sample's training examples with their stats columns (a long pretraining text gives several)."""
     if objective == "dpo":
-        pair = tokenize_preference(sample, template, tokenizer, max_length)
+        pair = tokenize_preference(sample, template, tokenizer, data.max_length)
+        _check_fits(pair, data)
         answer_length = max(len(pair.chosen_ids), len(pair.rejected_ids))
         return [
             {
@@ -215,9 +289,10 @@ def _examples(sample: dict[str, Any], template: str, tokenizer: Any, max_length:
             }
         ]
     if objective == "pretrain":
-        tokenized = tokenize_text_chunks(sample["text"], tokenizer, max_length)
+        tokenized = tokenize_text_chunks(sample["text"], tokenizer, data.max_length)  # split, never truncated
     else:
-        tokenized = [tokenize_sample(sample, template, tokenizer, max_length)]
+        tokenized = [tokenize_sample(sample, template, tokenizer, data.max_length)]
+        _check_fits(tokenized[0], data)
     return [
         {
             "input_ids": example.input_ids,
@@ -228,6 +303,12 @@ def _examples(sample: dict[str, Any], template: str, tokenizer: Any, max_length:
         }
         for example in tokenized
     ]
+
+
+def _check_fits(example: TokenizedExample | PreferenceExample, data: DataConfig) -> None:
+    """Refuse an example that truncation cut, unless data.overlong allows that."""
+    if example.truncated and data.overlong != "truncate":
+        raise OverlongExample(f"example is {example.full_length} tokens, longer than data.max_length {data.max_length}")
 
 
 def _pack_batch(batch: pd.DataFrame, max_length: int, pad_id: int) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +31,36 @@ def check_readable(path: str) -> None:
         raise DatasetError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def iter_records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_records(path: str, mark_bad_rows: bool = False) -> Iterator[tuple[str, dict[str, Any] | DatasetError]]:
+    """Each row as (source, record). A row that does not parse as a JSON object raises its
+    DatasetError; with mark_bad_rows that error comes in place of the record instead, so the
+    caller decides whether to stop or skip (data.bad_rows) and still gets the rows after it."""
     p = Path(path)
-    if p.is_dir():
-        yield from _saved_hf_dataset(p)
-    else:
-        yield from _READERS[p.suffix](p)
+    rows = _saved_hf_dataset(p) if p.is_dir() else _READERS[p.suffix](p)
+    for source, record in rows:
+        if isinstance(record, DatasetError) and not mark_bad_rows:
+            raise record
+        yield source, record
 
 
-def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any] | DatasetError]]:
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if line.strip():
-                yield f"{path}:{number}", _object(_parse_json(line, f"{path}:{number}"), f"{path}:{number}")
+                source = f"{path}:{number}"
+                # Without its newline, a line cut short reports its own last column, not "column 1".
+                yield source, _row_or_error(lambda: _object(_parse_json(line.rstrip("\r\n"), source), source))
 
 
-def _json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _json(path: Path) -> Iterator[tuple[str, dict[str, Any] | DatasetError]]:
     document = _parse_json(path.read_text(encoding="utf-8"), str(path))
     if isinstance(document, dict) and isinstance(document.get("data"), list):
         document = document["data"]
     if not isinstance(document, list):
         raise DatasetError(f"{path}: a .json dataset must be an array of objects (or {{'data': [...]}})")
     for index, record in enumerate(document):
-        yield f"{path}:row {index}", _object(record, f"{path}:row {index}")
+        source = f"{path}:row {index}"
+        yield source, _row_or_error(lambda: _object(record, source))
 
 
 def _csv(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -97,6 +104,13 @@ def _saved_hf_dataset(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         dataset = dataset["train"]
     for index, record in enumerate(dataset):
         yield f"{path}:row {index}", record
+
+
+def _row_or_error(read_row: Callable[[], dict[str, Any]]) -> dict[str, Any] | DatasetError:
+    try:
+        return read_row()
+    except DatasetError as err:
+        return err  # iter_records raises it or hands it on
 
 
 def _parse_json(text: str, source: str) -> Any:

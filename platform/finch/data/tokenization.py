@@ -16,7 +16,11 @@ IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool
+    full_length: int  # tokens before truncation to max_length
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
 
 
 def adds_bos(tokenizer: Any) -> bool:
@@ -39,8 +43,7 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, max_length: int) 
             ids = ids + [tokenizer.eos_token_id]
         input_ids.extend(ids)
         labels.extend(ids if segment.trainable else [IGNORE_INDEX] * len(ids))
-    truncated = len(input_ids) > max_length
-    return TokenizedExample(input_ids[:max_length], labels[:max_length], truncated)
+    return TokenizedExample(input_ids[:max_length], labels[:max_length], len(input_ids))
 
 
 def tokenize_sample(sample: dict[str, Any], template: str, tokenizer: Any, max_length: int) -> TokenizedExample:
@@ -60,7 +63,7 @@ def tokenize_text_chunks(text: str, tokenizer: Any, max_length: int) -> list[Tok
     for start in range(0, max(1, len(ids) - 1), max_length - 1):
         chunk = ids[start : start + max_length]
         labels = ([IGNORE_INDEX] + chunk[1:]) if start else list(chunk)
-        chunks.append(TokenizedExample(chunk, labels, False))
+        chunks.append(TokenizedExample(chunk, labels, len(chunk)))
     return chunks
 
 
@@ -69,7 +72,11 @@ class PreferenceExample:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    truncated: bool
+    full_length: int  # prompt + the longer answer, before the answers were cut to fit max_length
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
 def tokenize_preference(sample: dict[str, Any], template: str, tokenizer: Any, max_length: int) -> PreferenceExample:
@@ -90,8 +97,8 @@ def tokenize_preference(sample: dict[str, Any], template: str, tokenizer: Any, m
     if prompts[0] != prompts[1]:
         raise DatasetError("the template renders the same prompt differently before the chosen and rejected answers")
     room = max(0, max_length - len(prompts[0]))
-    truncated = any(len(ids) > room for ids in answers)
-    return PreferenceExample(prompts[0], answers[0][:room], answers[1][:room], truncated)
+    full_length = len(prompts[0]) + max(len(ids) for ids in answers)
+    return PreferenceExample(prompts[0], answers[0][:room], answers[1][:room], full_length)
 
 
 def _final_answer_span(labels: list[int]) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from importlib import resources
@@ -23,14 +24,17 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
-from finch.config import ServeConfig
+from finch.config import NAME_PATTERN, ServeConfig
 from finch.data.tokenization import prompt_token_ids
 from finch.registry.store import RegistryError
 from finch.serve.directory import ReplicaAdapters
 from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, ServingEngine
 
 BASE_MODEL = "base"
+# Ray Serve writes this logger to the replica's log file, tagged with the request id.
+logger = logging.getLogger("ray.serve")
 # The chat page loads nothing from elsewhere and may not be framed by other sites.
 CHAT_PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"
 
@@ -62,7 +66,7 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     n: Literal[1] = 1
 
 
@@ -77,7 +81,7 @@ class CompletionRequest(SamplingRequest):
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter: str = Field(description="Registry reference: name (latest) or name@vN.")
-    name: str | None = Field(None, description="Serve it under this name (default: its registry name).")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="Serve it under this name (default: its registry name).")
 
 
 @dataclass
@@ -98,16 +102,22 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
             await on_startup()
         yield
 
-    app = FastAPI(title="finch", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # The schema is served below, behind the API key like every route but the chat page.
+    app = FastAPI(title="finch", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return error_response(err.status, str(err), err.kind, err.code)
+        return refuse(request, err.status, str(err), err.kind, err.code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in err.errors())
-        return error_response(422, problems or "invalid request", "invalid_request_error", "invalid_parameters")
+        return refuse(request, 422, problems or "invalid request", "invalid_request_error", "invalid_parameters")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (unknown route, wrong method, a body that is not UTF-8 JSON).
+        return refuse(request, err.status_code, str(err.detail), "invalid_request_error", getattr(err, "code", None))
 
     def authorized(request: Request) -> None:
         if state.api_key is None:
@@ -117,6 +127,9 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key")
 
     guarded = [Depends(authorized)]
+
+    # Added before the middleware below, so it runs inside it: its 413 reaches the handler above as is.
+    app.add_middleware(BodyLimit, max_bytes=state.config.server.max_request_bytes)
 
     @app.middleware("http")
     async def name_replica(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -131,9 +144,13 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
         # The page itself is public; its API calls carry the key typed into it.
         return HTMLResponse(chat_page, headers={"Content-Security-Policy": CHAT_PAGE_POLICY})
 
-    @app.get("/health")
+    @app.get("/health", dependencies=guarded)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
@@ -188,6 +205,13 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
 
 def error_response(status: int, message: str, kind: str, code: str | None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
+
+
+def refuse(request: Request, status: int, message: str, kind: str, code: str | None) -> JSONResponse:
+    """An error response, logged: a refused request leaves a trace an operator can find."""
+    client = request.client.host if request.client else "?"
+    logger.warning("finch: refused %s %s from %s: %d %s: %s", request.method, request.url.path, client, status, code or kind, message)
+    return error_response(status, message, kind, code)
 
 
 def describe(adapter: Any) -> dict[str, Any]:
@@ -251,6 +275,8 @@ def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) 
 
 
 async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, ids: list[int], chat: bool):
+    if not ids:  # vLLM fails an empty prompt deep inside the engine
+        raise ApiError(400, "the prompt is empty", code="empty_prompt")
     params = sampling_params(state, body, len(ids))
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     outputs = state.engine.generate(ids, params, adapter, request_id)
@@ -311,3 +337,41 @@ async def stream_events(outputs: AsyncIterator[Any], body: SamplingRequest, requ
     if body.stream_options and body.stream_options.include_usage:
         yield event(None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
     yield "data: [DONE]\n\n"
+
+
+class BodyTooLarge(HTTPException):
+    code = "request_too_large"
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"request body over {max_bytes} bytes")
+
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes` with a 413, declared or streamed, without reading it all.
+
+    An ASGI middleware rather than an HTTP one: a chunked body has no Content-Length, so its bytes
+    are counted as they arrive (the app's handler for HTTPException answers).
+    """
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            err = BodyTooLarge(self.max_bytes)
+            response = refuse(Request(scope), err.status_code, err.detail, "invalid_request_error", err.code)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counted_receive, send)

@@ -114,7 +114,8 @@ def check_resumable(config: RunConfig) -> None:
         raise RunExistsError(f"run {config.name} already finished; its adapter is in {config.registry_dir}/{config.name}")
     saved = flatten(json.loads((run_dir / "config.json").read_text()))
     current = flatten(dump_config(config))
-    changed = [key for key in current if key.startswith(RESUME_MUST_MATCH) and saved.get(key) != current[key]]
+    # A key the saved config lacks came with a newer finch, whose default keeps the old behaviour.
+    changed = [key for key in current if key.startswith(RESUME_MUST_MATCH) and key in saved and saved[key] != current[key]]
     if changed:
         raise RunExistsError(f"cannot resume {config.name}: changed since the interrupted run: {', '.join(changed)}")
 
@@ -202,10 +203,12 @@ def manifest(config: RunConfig, model_path: str, data: PreparedData, log_history
 def print_data_stats(data: PreparedData) -> None:
     stats = data.stats
     efficiency = stats.get("packing_efficiency")
+    bad_rows, overlong = stats["skipped_bad_rows"], stats["skipped_overlong"]
     console.print(
         f"finch: data {stats['examples']} examples ({stats['dropped_no_answer']} dropped, "
         f"{stats.get('eval_examples', 0)} held out for eval), {stats['tokens']} tokens "
         f"(mean {stats['length_mean']:.0f}, max {stats['length_max']}), {stats['truncated']} truncated, "
-        f"{stats['rows']} rows" + (f", packing efficiency {efficiency:.3f}" if efficiency else "")
+        + (f"skipped {bad_rows} bad rows and {overlong} over-long, " if bad_rows or overlong else "")
+        + f"{stats['rows']} rows" + (f", packing efficiency {efficiency:.3f}" if efficiency else "")
         + f", template {data.template}"
     )
