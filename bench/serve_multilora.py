@@ -131,12 +131,13 @@ def build_adapters(model_path: str, folder: Path, names: list[str], rank: int, d
     return {name: folder / name for name in names}
 
 
-def publish_adapters(registry: Path, adapters: dict[str, Path], model_path: str, model_id: str) -> None:
-    """Registry entries whose manifest names the base model, which finch's engine checks before loading."""
+def publish_adapters(registry: Path, adapters: dict[str, Path], model_path: str, model_id: str, template: str = "chat") -> None:
+    """Registry entries whose manifest names the base model, which finch's engine checks before loading,
+    and the prompt template chat requests are rendered with."""
     base = {"fingerprint": fingerprint_model_folder(model_path), "id": model_id}
     for name, folder in adapters.items():
         files = {f: folder / f for f in ("adapter_config.json", "adapter_model.safetensors")}
-        publish(registry, name, files, {"base_model": base, "template": "chat"})
+        publish(registry, name, files, {"base_model": base, "template": template})
 
 
 # ---- naive baseline: transformers + PEFT, one request at a time ----------------------------------------

@@ -12,6 +12,7 @@ from rich.console import Console
 from finch.config import ConfigError, load_config
 from finch.data.readers import DatasetError
 from finch.registry.store import RegistryError
+from finch.runtime import OutputFolderError
 
 app = typer.Typer(help="Fine-tune and serve LLMs on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect datasets before training.", no_args_is_help=True)
@@ -20,7 +21,7 @@ console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config YAML (see jobs/).")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 data.max_length=256.")]
-USER_ERRORS = (ConfigError, DatasetError, RegistryError, FileExistsError, PermissionError)
+USER_ERRORS = (ConfigError, DatasetError, RegistryError, FileExistsError, PermissionError, OutputFolderError)
 
 
 def _fail(err: Exception) -> None:

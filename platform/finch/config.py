@@ -281,6 +281,10 @@ class ServerConfig(Section):
         120.0, gt=0, description="A generation running longer is cancelled: HTTP 504, or an error event in a stream."
     )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    health_check_timeout_s: float = Field(
+        120.0, gt=0, description="A replica that answers no health check for this long is replaced. On CPU a busy "
+        "engine holds the replica's event loop for seconds at a time: a short timeout kills healthy replicas.",
+    )
     adapter_sync_s: float = Field(
         1.0, gt=0, description="How often each replica checks for adapters loaded or unloaded through another replica."
     )

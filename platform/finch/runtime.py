@@ -10,6 +10,10 @@ import socket
 from pathlib import Path
 
 
+class OutputFolderError(OSError):
+    """A run, registry or export folder cannot take what finch is about to write."""
+
+
 def cache_root() -> Path:
     """Where finch keeps what it generates once per machine: $FINCH_CACHE_DIR or ~/.cache/finch."""
     return Path(os.environ.get("FINCH_CACHE_DIR") or Path.home() / ".cache" / "finch")

@@ -119,7 +119,8 @@ def test_bad_requests_get_openai_style_4xx_errors(server):
         client(url, key="wrong").models.list()
     response = httpx.post(f"{url}/admin/adapters", json={"adapter": "a2"})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/health").status_code == 401
+    assert httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {API_KEY}"}).json() == {"status": "ok"}
 
 
 def test_adapters_load_reload_and_unload_under_traffic(server):
@@ -259,13 +260,15 @@ def test_slow_generations_time_out_with_a_504_and_the_server_goes_on(tight_serve
 
 
 def test_requests_beyond_the_queue_limit_get_503_not_a_crash(tight_server):
-    def post(_) -> int:
-        return httpx.post(f"{tight_server}/v1/chat/completions", json=SLOW, headers=AUTH, timeout=60).status_code
+    def post(_) -> httpx.Response:
+        return httpx.post(f"{tight_server}/v1/chat/completions", json=SLOW, headers=AUTH, timeout=60)
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        statuses = list(pool.map(post, range(6)))
-    # one runs, one waits (each then times out), the rest are turned away at once
+        responses = list(pool.map(post, range(6)))
+    statuses = [response.status_code for response in responses]
+    # one runs, one waits (each then times out), the rest are turned away at once, told when to retry
     assert statuses.count(503) >= 2 and set(statuses) <= {503, 504}, statuses
+    assert all(r.headers.get("retry-after") == "2" for r in responses if r.status_code == 503)
     assert answers_quickly(tight_server)
 
 

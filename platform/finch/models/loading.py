@@ -132,6 +132,18 @@ def load_trainable_model(config: RunConfig, folder: str) -> Any:
     return model
 
 
+def trainable_parameter_count(config: RunConfig, folder: str) -> int:
+    """What a training worker will train, counted on a weightless (meta-device) copy of the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(folder, trust_remote_code=config.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+        if config.train.method != "full":
+            model = apply_lora(model, config.lora)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def keep_cpu_4bit_weights_trainable(model: Any) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
 

@@ -81,6 +81,7 @@ def build_application(config: ServeConfig, model_path: str) -> Any:
         max_queued_requests=server.max_queued_requests,
         # Past capacity: 503 with Retry-After, which OpenAI clients honour when they retry.
         backpressure_config={"status_code": 503, "retry_after_s": server.retry_after_s},
+        health_check_timeout_s=server.health_check_timeout_s,
         ray_actor_options={
             "num_cpus": server.cpus_per_replica,
             "num_gpus": server.gpus_per_replica,

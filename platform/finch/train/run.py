@@ -14,9 +14,9 @@ import finch
 from finch.config import ConfigError, RunConfig, dump_config, load_config
 from finch.data.pipeline import PreparedData, prepare_datasets
 from finch.fingerprint import fingerprint_model_folder, fingerprint_paths
-from finch.models.loading import resolve_model_path
+from finch.models.loading import resolve_model_path, trainable_parameter_count
 from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish
-from finch.runtime import init_ray
+from finch.runtime import OutputFolderError, init_ray
 from finch.train.plots import plot_loss
 from finch.train.progress import TrainingProgress
 from finch.train.tracking import MlflowTracker, flatten
@@ -41,6 +41,11 @@ RESUME_MUST_MATCH = (
 )
 
 
+CHECKPOINTS_KEPT = 3  # Ray Train's CheckpointConfig(num_to_keep)
+# Bytes per trained parameter in a checkpoint: its weight (fp32 at most) and Adam's two fp32 moments.
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+
+
 class RunExistsError(FileExistsError):
     pass
 
@@ -48,6 +53,7 @@ class RunExistsError(FileExistsError):
 def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> AdapterEntry:
     run_dir = prepare_run_dir(config, overwrite, resume)
     model_path = resolve_model_path(config.model.path)
+    check_free_space(config, model_path)
     init_ray()
     data = prepare_datasets(config.data, model_path, config.train.objective)
     print_data_stats(data)
@@ -86,9 +92,22 @@ def prepare_run_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
             probe.write_text("")
             probe.unlink()
         except OSError as err:
-            raise PermissionError(f"cannot write to {folder}: {err.strerror}") from None
+            raise OutputFolderError(f"cannot write to {folder}: {err.strerror}") from None
     (run_dir / "config.json").write_text(json.dumps(dump_config(config), indent=2))
     return run_dir
+
+
+def check_free_space(config: RunConfig, model_path: str) -> None:
+    """Fail before training, not at the first checkpoint, when the run folder's disk cannot hold the
+    checkpoints Ray keeps, the one being written and the final weights."""
+    parameters = trainable_parameter_count(config, model_path)
+    needed = parameters * CHECKPOINT_BYTES_PER_PARAMETER * (CHECKPOINTS_KEPT + 2)
+    free = shutil.disk_usage(config.run_dir).free
+    if free < needed:
+        raise OutputFolderError(
+            f"{config.run_dir} has {free / 2**20:,.0f} MiB free; this run's checkpoints ({parameters:,} trained "
+            f"parameters, {CHECKPOINTS_KEPT} kept) need about {needed / 2**20:,.0f} MiB: free space or set output_dir"
+        )
 
 
 def load_run_config(run_folder: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -137,7 +156,7 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=N
         run_config=ray.train.RunConfig(
             name=config.name,
             storage_path=str(config.run_dir.parent),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             # A failed worker restarts the group from the last checkpoint (see worker.latest_checkpoint).
             failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
