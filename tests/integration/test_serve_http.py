@@ -170,7 +170,7 @@ def test_chat_page_streams_answers_and_compares_two_models(server, tmp_path):
     adapter = next(m for m in served if m != "base")
 
     def greedy(model: str) -> str:
-        reply = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
+        reply = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=48, temperature=0)
         return reply.choices[0].message.content
 
     with sync_playwright() as playwright:
@@ -184,7 +184,8 @@ def test_chat_page_streams_answers_and_compares_two_models(server, tmp_path):
         page.dispatch_event("#api-key", "change")
         expect(page.locator(".pane select.model option")).to_have_count(len(served))
         page.fill("#temperature", "0")
-        page.fill("#max-tokens", "12")
+        # enough tokens that vLLM cannot hand them all over in one delta before the stream is read
+        page.fill("#max-tokens", "48")
 
         page.select_option(".pane select.model", adapter)
         page.fill("#prompt", QUESTION[0]["content"])
