@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 class OutputFolderError(OSError):
-    """A run, registry or export folder cannot take what finch is about to write."""
+    """A run or registry folder cannot take what a training run is about to write."""
 
 
 def cache_root() -> Path:
