@@ -42,6 +42,7 @@ import torch
 from finch.config import ServeConfig, validate_config
 from finch.models.gemma_gguf import GEMMA3_270M_URI
 from finch.models.loading import resolve_model_path
+from finch.precision import detect_device, inference_dtype
 from machine import command_line, load_average, machine_description
 from serve_multilora import build_adapters, publish_adapters
 
@@ -234,7 +235,8 @@ def print_report(args, baseline, load, admin, burst, kill) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=GEMMA3_270M_URI, help=f"base model: a HF folder, or {GEMMA3_270M_URI} (default)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="'auto': bfloat16 where the device runs it natively, else float32 (float16 on older GPUs)")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--baseline-requests", type=int, default=20)
@@ -253,6 +255,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     key = os.environ.setdefault("FINCH_API_KEY", secrets.token_urlsafe(16))
     model_path = resolve_model_path(args.model)
+    args.dtype, _ = inference_dtype(args.dtype, detect_device(torch.cuda.is_available()))
     print(f"machine: {machine_description(('torch', 'vllm', 'ray', 'transformers'))}; load average {load_average()}")
     print(f"command: {command_line()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="finch-bench-load-") as tmp:

@@ -50,6 +50,7 @@ from finch.config import EngineConfig
 from finch.fingerprint import fingerprint_model_folder
 from finch.models.gemma_gguf import GEMMA3_270M_URI
 from finch.models.loading import resolve_model_path
+from finch.precision import detect_device, inference_dtype
 from finch.registry.store import publish
 from finch.serve.engine import ServingEngine
 from machine import command_line, machine_description
@@ -206,7 +207,6 @@ def import_vllm_engine() -> None:
 def engine_settings(args: argparse.Namespace) -> EngineConfig:
     most = max(args.adapter_counts)
     return EngineConfig(
-        dtype=args.dtype,
         max_model_len=max(PROMPT_LENGTHS) + args.new_tokens,
         max_loras=most + 1,  # the largest mix and the zero adapter that serves the base, in one batch
         max_lora_rank=args.rank,
@@ -290,7 +290,9 @@ async def serving_benchmark(
     """Throughput rounds, then load latencies, on one engine; also returns its start-up seconds."""
     start = time.perf_counter()
     # Started inside the running loop: AsyncLLM's output handler runs as a task of the loop that drives it.
-    engine = ServingEngine.start(engine_settings(args), setup.model_path, setup.registry, setup.work / "zero-adapter")
+    engine = ServingEngine.start(
+        engine_settings(args), setup.model_path, setup.registry, setup.work / "zero-adapter", args.dtype
+    )
     try:
         await engine.warm_up()
         for name in setup.served:
@@ -362,7 +364,8 @@ def parse_args() -> argparse.Namespace:
     full, quick = DEFAULTS["full"], DEFAULTS["quick"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=GEMMA3_270M_URI, help=f"base model: a HF folder, or {GEMMA3_270M_URI} (default)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="'auto': bfloat16 where the device runs it natively, else float32 (float16 on older GPUs)")
     parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in quick.items()))
     parser.add_argument("--adapter-counts", default="1,2,4,8", type=lambda s: sorted({int(n) for n in s.split(",")}),
                         help="N of the mixed-traffic variants (default 1,2,4,8)")
@@ -401,6 +404,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as finch serve runs its replicas
     import_vllm_engine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype, _ = inference_dtype(args.dtype, detect_device(device == "cuda"))
     dtype = getattr(torch, args.dtype)
     print(f"machine: {machine_description(('torch', 'vllm', 'transformers', 'peft'), device)}; load average {os.getloadavg()[0]:.1f} at start")
     print(f"command: {command_line()}", flush=True)

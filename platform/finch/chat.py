@@ -20,6 +20,7 @@ from finch.config import validate_config
 from finch.data.pipeline import load_tokenizer
 from finch.data.tokenization import prompt_token_ids
 from finch.models.loading import load_base_model, trained_base_folder
+from finch.precision import detect_device, inference_dtype
 from finch.registry.store import AdapterEntry, resolve_adapter
 
 BASE = "base"
@@ -43,6 +44,16 @@ def stop_token_ids(model_folder: str, tokenizer: Any) -> list[int]:
     return merge_stop_ids(tokenizer, configured)
 
 
+def announce_dtype(requested: str, on_gpu: bool) -> str:
+    """The dtype to generate in on this machine, printed with why."""
+    device = detect_device(on_gpu)
+    dtype, warnings = inference_dtype(requested, device)
+    console.print(f"finch: generating in {dtype} on {device.name}: {device.evidence}", highlight=False)
+    for warning in warnings:
+        console.print(f"[yellow]finch: warning: {warning}[/]", highlight=False)
+    return dtype
+
+
 @dataclass
 class ChatSession:
     model: Any  # the base model, with every LoRA adapter loaded when there are any
@@ -61,8 +72,10 @@ class ChatSession:
         tokenizer = load_tokenizer(folder)
         on_gpu = torch.cuda.is_available()
         # A registry manifest is data, not a trust decision: never run model code because of it.
-        # The training dtype is kept: bf16 also decodes faster than fp32 on CPU (bench/cpu_dtype.py).
-        model_config = config.model.model_copy(update={"trust_remote_code": False})
+        # model.dtype 'auto' is chosen for this machine, not the one that trained.
+        model_config = config.model.model_copy(
+            update={"trust_remote_code": False, "dtype": announce_dtype(config.model.dtype, on_gpu)}
+        )
         device = "cuda" if on_gpu else "cpu"
         model = load_base_model(model_config, folder, use_gpu=on_gpu).to(device)
         lora = [a for a in adapters if a.kind == "adapter"]

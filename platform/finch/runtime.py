@@ -29,8 +29,11 @@ def init_ray() -> None:
         address=cluster_address(),
         logging_level=logging.WARNING,
         # Workers import finch from the same environment; keep their tokenizers single-threaded
-        # so Ray Data tasks don't oversubscribe the cores.
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}},
+        # so Ray Data tasks don't oversubscribe the cores. Their output goes to log files that Ray
+        # forwards: unbuffered, each line arrives when it is printed.
+        runtime_env={
+            "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+        },
     )
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

@@ -65,7 +65,7 @@ def served(tmp_path_factory, tiny_serving_model_dir):
     settings = EngineConfig(dtype="float32", max_loras=2, max_lora_rank=8, max_model_len=256)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # vLLM's client and asyncio.gather below bind to the current loop
-    engine = ServingEngine.start(settings, str(tiny_serving_model_dir), registry, tmp / "zero")
+    engine = ServingEngine.start(settings, str(tiny_serving_model_dir), registry, tmp / "zero", "float32")
     loop.run_until_complete(engine.warm_up())
     yield engine, loop, registry, adapters, tmp
     engine.shutdown()

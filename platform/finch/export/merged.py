@@ -42,7 +42,7 @@ def export_merged(
     """Write `ref` merged into its base as a 16-bit model folder at `output`; returns the folder."""
     entry = resolve_adapter(registry_dir, ref)
     config = validate_config(entry.manifest["config"])
-    dtype = dtype or (config.model.dtype if config.model.dtype in SIXTEEN_BIT else "bfloat16")
+    dtype = dtype or default_export_dtype(entry)
     if dtype not in SIXTEEN_BIT:
         raise ConfigError(f"dtype {dtype}: a merged export is 16-bit ({' or '.join(SIXTEEN_BIT)})")
     output = Path(output).resolve()
@@ -66,17 +66,37 @@ def export_merged(
     return output
 
 
+def trained_dtype(entry: AdapterEntry, key: str = "weights") -> str:
+    """The dtype the entry trained with: its weights, or the QLoRA compute dtype ("qlora_compute_dtype").
+    Manifests from before finch recorded precision carry the config's, whose 'auto' meant bfloat16."""
+    recorded = entry.manifest.get("precision", {}).get(key)
+    if recorded is None:
+        config = entry.manifest["config"]
+        recorded = config["model"]["dtype"] if key == "weights" else config["qlora"]["compute_dtype"]
+    return "bfloat16" if recorded == "auto" else recorded
+
+
+def default_export_dtype(entry: AdapterEntry) -> str:
+    """The 16-bit type the entry trained in; bfloat16 (the dtype checkpoints are published in) for
+    fp32 training. A storage choice, independent of this machine: loaders cast as their device needs."""
+    trained = trained_dtype(entry)
+    return trained if trained in SIXTEEN_BIT else "bfloat16"
+
+
 def merged_model(entry: AdapterEntry, config: RunConfig) -> tuple[Any, str]:
     """The entry's weights (trained with `config`) as one plain transformers model (no PEFT
     layers) on the CPU, and the folder whose tokenizer goes with it."""
     from peft import PeftModel
 
     # A registry manifest is data, not a trust decision: never run model code because of it.
-    model_config = config.model.model_copy(update={"trust_remote_code": False, "dropout": None})
+    # Loaded in the dtype it trained in: PEFT merges in fp32 on the CPU, so no slow 16-bit matmuls here.
+    model_config = config.model.model_copy(update={"trust_remote_code": False, "dropout": None, "dtype": trained_dtype(entry)})
     if entry.kind == "model":
         return load_base_model(model_config, str(entry.path)), str(entry.path)
     folder = trained_base_folder([entry])
-    quantization = config.qlora if config.train.method == "qlora" else None
+    quantization = None
+    if config.train.method == "qlora":
+        quantization = config.qlora.model_copy(update={"compute_dtype": trained_dtype(entry, "qlora_compute_dtype")})
     base = load_base_model(model_config, folder, quantization=quantization)
     if quantization is not None:
         base = base.dequantize()  # 4-bit -> the 16-bit weights the adapter was trained against

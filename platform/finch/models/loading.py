@@ -62,10 +62,11 @@ def trained_base_folder(entries: list[AdapterEntry]) -> str:
 
 
 def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:
+    """A dtype name; 'auto' is the fast 16-bit type of this process's device (finch/precision.py)."""
     if name == "auto":
-        if use_gpu and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
+        from finch.precision import detect_device, sixteen_bit_type
+
+        name = sixteen_bit_type(detect_device(use_gpu))
     return getattr(torch, name)
 
 
@@ -80,7 +81,7 @@ def load_base_model(
             load_in_4bit=True,
             bnb_4bit_quant_type=quantization.quant_type,
             bnb_4bit_use_double_quant=quantization.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+            bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype, use_gpu),
         )
     if model_config.dropout is not None:
         extra["config"] = config_with_dropout(folder, model_config)
@@ -114,6 +115,9 @@ def config_with_dropout(folder: str, model_config: ModelConfig) -> Any:
 def load_trainable_model(config: RunConfig, folder: str) -> Any:
     """The model a training worker fits, in train mode: the whole base (full), or the base
     (4-bit for QLoRA) with LoRA adapters attached."""
+    from finch.precision import resolved_here
+
+    config = resolved_here(config)
     if config.train.method == "full":
         model = load_base_model(config.model, folder, config.scale.use_gpu)
         model.train()

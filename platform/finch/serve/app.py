@@ -29,12 +29,16 @@ class FinchServer:
         from finch.chat import stop_token_ids
         from finch.data.pipeline import load_tokenizer
         from finch.data.templates import resolve_template
+        from finch.precision import detect_device, inference_dtype
         from finch.serve.engine import ServingEngine
         from finch.serve.openai_api import ApiState, build_api
 
         self.config = validate_config(config, schema=ServeConfig)
         zero_adapters = cache_root() / "zero-adapters"
-        self.engine = ServingEngine.start(self.config.engine, model_path, self.config.registry_dir, zero_adapters)
+        # `finch serve` resolved model.dtype for the replicas' device (see run); 'auto' left by another
+        # caller is resolved here, on that device.
+        dtype, _ = inference_dtype(self.config.model.dtype, detect_device(self.config.server.gpus_per_replica > 0))
+        self.engine = ServingEngine.start(self.config.engine, model_path, self.config.registry_dir, zero_adapters, dtype)
         replica = serve.get_replica_context().replica_id.unique_id
         directory = open_directory(self.config.name, initial_adapters)
         self.shared = ReplicaAdapters(self.engine, directory, replica, self.config.server.adapter_sync_s)
@@ -100,8 +104,9 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
     from finch.runtime import init_ray
 
     model_path = resolve_model_path(config.model.path)
-    application = build_application(config, model_path)
     init_ray()
+    config = with_served_dtype(config)
+    application = build_application(config, model_path)
     # The proxy's own timeout is a backstop: finch's answers first, with a JSON 504 (openai_api.respond).
     proxy_timeout_s = config.server.request_timeout_s + 10
     serve.start(http_options={"host": config.server.host, "port": config.server.port, "request_timeout_s": proxy_timeout_s})
@@ -117,6 +122,18 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
         except KeyboardInterrupt:
             stop(config)
     return url
+
+
+def with_served_dtype(config: ServeConfig) -> ServeConfig:
+    """`config` with model.dtype resolved for the replicas' device (a GPU is probed on a GPU node), said once."""
+    from finch.precision import device_of_workers, inference_dtype
+
+    device = device_of_workers(config.server.gpus_per_replica > 0)
+    dtype, warnings = inference_dtype(config.model.dtype, device)
+    print(f"finch: serving in {dtype} on {device.name}: {device.evidence}", flush=True)
+    for warning in warnings:
+        print(f"finch: warning: {warning}", flush=True)
+    return config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
 
 
 def stop(config: ServeConfig) -> None:

@@ -63,8 +63,10 @@ class ServingEngine:
 
     @classmethod
     def start(
-        cls, settings: EngineConfig, model_path: str, registry_dir: str | Path, zero_adapter_dir: str | Path
+        cls, settings: EngineConfig, model_path: str, registry_dir: str | Path, zero_adapter_dir: str | Path, dtype: str
     ) -> ServingEngine:
+        """`dtype`: the weights dtype, resolved for this device (finch/precision.py); vLLM's own 'auto'
+        would take bf16 even for float32 checkpoints on CPUs that only emulate it."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -72,7 +74,7 @@ class ServingEngine:
         os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
         args = AsyncEngineArgs(
             model=model_path,
-            dtype=settings.dtype,
+            dtype=dtype,
             enable_lora=True,
             max_loras=settings.max_loras,
             max_lora_rank=settings.max_lora_rank,

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
+HEARTBEAT_S = 60.0
 SHOWN = (
     ("loss", "loss"),
     ("eval_loss", "eval loss"),
@@ -58,6 +60,9 @@ class TrainingProgress:
             disable=not live,
         )
         task = progress.add_task(self.title, total=None, metrics="starting workers")
+        if not live:
+            self.console.print(f"finch: {self.title}: starting the training workers (each loads the model)", highlight=False)
+        self._started = self._last_line = time.monotonic()
         watcher = threading.Thread(target=self._watch, args=(progress, task, live), daemon=True)
         with progress:
             watcher.start()
@@ -88,8 +93,14 @@ class TrainingProgress:
         text = describe(metrics)
         is_eval = any(key.startswith("eval_") for key in metrics)
         if live:
-            progress.update(task, completed=step, total=total, **({} if is_eval else {"metrics": text}))
+            progress.update(task, completed=step, total=total, **({} if is_eval or not text else {"metrics": text}))
             if is_eval:
                 progress.console.print(f"finch: step {step}/{total}  {text}")
-        else:
-            self.console.print(f"finch: step {step}/{total}  {text}", highlight=False)
+            return
+        now = time.monotonic()
+        # A step without metrics (between logging steps) is printed for the first step, then at most
+        # once a minute: a log shows that training runs, and how fast, without a line per step.
+        if text or step == 1 or now - self._last_line >= HEARTBEAT_S:
+            elapsed = f"  ({now - self._started:.0f} s since workers started)" if not text else ""
+            self.console.print(f"finch: step {step}/{total}  {text}{elapsed}".rstrip(), highlight=False)
+            self._last_line = now

@@ -15,6 +15,7 @@ from finch.config import ConfigError, RunConfig, dump_config, load_config
 from finch.data.pipeline import PreparedData, prepare_datasets
 from finch.fingerprint import fingerprint_model_folder, fingerprint_paths
 from finch.models.loading import resolve_model_path, trainable_parameter_count
+from finch.precision import Device, Precision, device_of_workers, resolved, training_precision
 from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish
 from finch.runtime import OutputFolderError, init_ray
 from finch.train.plots import plot_loss
@@ -52,6 +53,8 @@ class RunExistsError(FileExistsError):
 
 def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> AdapterEntry:
     run_dir = prepare_run_dir(config, overwrite, resume)
+    device = workers_device(config.scale.use_gpu)
+    print_precision(training_precision(config, device))
     model_path = resolve_model_path(config.model.path)
     check_free_space(config, model_path)
     init_ray()
@@ -60,8 +63,8 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
     tracker = MlflowTracker(config, resume) if config.tracking.mlflow else None
     progress = TrainingProgress(config.name, console, [tracker] if tracker else [])
     try:
-        final_checkpoint = progress.run(lambda: fit(config, model_path, data, progress.queue))
-        entry = register(config, model_path, data, final_checkpoint, run_dir)
+        final_checkpoint = progress.run(lambda: fit(config, model_path, data, device, progress.queue))
+        entry = register(config, model_path, data, final_checkpoint, run_dir, device)
     except BaseException:
         if tracker:
             with contextlib.suppress(Exception):  # the training error is the one to report
@@ -71,6 +74,19 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
         tracker.finish([run_dir / "loss.png", run_dir / "config.json"])
         console.print(f"finch: metrics in MLflow at {tracker.uri} (run {tracker.run_id})")
     return entry
+
+
+def workers_device(use_gpu: bool) -> Device:
+    """The device the training workers get (a GPU is probed through Ray, on a GPU node)."""
+    if use_gpu:
+        init_ray()
+    return device_of_workers(use_gpu)
+
+
+def print_precision(precision: Precision) -> None:
+    console.print(f"finch: precision {precision.describe()}", highlight=False)
+    for warning in precision.warnings:
+        console.print(f"[yellow]finch: warning: {warning}[/]", highlight=False)
 
 
 def prepare_run_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
@@ -139,7 +155,7 @@ def check_resumable(config: RunConfig) -> None:
         raise RunExistsError(f"cannot resume {config.name}: changed since the interrupted run: {', '.join(changed)}")
 
 
-def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=None, callbacks=()):
+def fit(config: RunConfig, model_path: str, data: PreparedData, device: Device, progress_queue=None, callbacks=()):
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -147,7 +163,8 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=N
     datasets = {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dump_config(config), "model_path": model_path, "progress_queue": progress_queue},
+        # Workers train with every 'auto' type resolved for `device`; run folders and manifests keep 'auto'.
+        train_loop_config={"config": dump_config(resolved(config, training_precision(config, device))), "model_path": model_path, "progress_queue": progress_queue},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scale.num_workers,
             use_gpu=config.scale.use_gpu,
@@ -178,7 +195,13 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, progress_queue=N
 
 
 def register(
-    config: RunConfig, model_path: str, data: PreparedData, checkpoint, run_dir: Path, lineage: dict | None = None
+    config: RunConfig,
+    model_path: str,
+    data: PreparedData,
+    checkpoint,
+    run_dir: Path,
+    device: Device,
+    lineage: dict | None = None,
 ) -> AdapterEntry:
     """Publish the final checkpoint as `config.name`: the adapter files, or for full fine-tuning the
     whole model folder; `lineage` (e.g. the sweep and trial it won) goes into the manifest."""
@@ -193,13 +216,16 @@ def register(
         else:
             files = {p.name: p for p in Path(folder).iterdir() if p.is_file() and p.name != LOG_HISTORY_FILE}
         files["loss.png"] = loss_png
-        entry_manifest = manifest(config, model_path, data, log_history, run_dir) | ({"lineage": lineage} if lineage else {})
+        entry_manifest = manifest(config, model_path, data, log_history, run_dir, training_precision(config, device))
+        entry_manifest |= {"lineage": lineage} if lineage else {}
         entry = publish(config.registry_dir, config.name, files, entry_manifest, kind)
     console.print(f"[green]finch: registered {kind} {entry.ref}[/] at {entry.path}")
     return entry
 
 
-def manifest(config: RunConfig, model_path: str, data: PreparedData, log_history: list[dict], run_dir: Path) -> dict:
+def manifest(
+    config: RunConfig, model_path: str, data: PreparedData, log_history: list[dict], run_dir: Path, precision: Precision
+) -> dict:
     metrics = last_values(log_history)
     stats = {k: v for k, v in data.stats.items() if k != "lengths"}
     return {
@@ -212,6 +238,7 @@ def manifest(config: RunConfig, model_path: str, data: PreparedData, log_history
         },
         "template": data.template,
         "config": dump_config(config),
+        "precision": precision.manifest(),
         "metrics": metrics,
         "finch_version": finch.__version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -15,7 +15,9 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from finch.config import RunConfig
+from finch.precision import resolved_here
 from finch.train.collate import RowCollator
+from finch.train.loss import LabelledHead, next_token_loss, supports_labelled_head
 
 # Transformer blocks are numbered in parameter names: model.layers.3.mlp... (Llama, Gemma, Qwen,
 # Mistral), transformer.h.3... (GPT-2), encoder.layer.3... (BERT), blocks.3...
@@ -23,6 +25,7 @@ LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 
 
 def training_arguments(config: RunConfig, output_dir: str) -> TrainingArguments:
+    config = resolved_here(config)
     if config.train.objective == "dpo":
         from finch.train.dpo import dpo_arguments
 
@@ -56,11 +59,12 @@ def hf_arguments(config: RunConfig, output_dir: str) -> dict[str, Any]:
         save_total_limit=2,
         # FSDP checkpoints activations through its own wrapper (fsdp_config) instead.
         gradient_checkpointing=train.gradient_checkpointing and config.scale.strategy != "fsdp",
-        # No autocast by default: the weights already carry model.dtype, and autocast on top only
-        # costs time on CPU. bf16/fp16 autocast is for fp32 master weights (model.dtype float32).
+        # The driver resolved 'auto' (finch/precision.py): autocast on GPUs over fp32/fp16 weights,
+        # never on CPU, where the weights already carry the fast dtype.
         bf16=train.mixed_precision == "bf16",
         fp16=train.mixed_precision == "fp16",
         neftune_noise_alpha=train.neftune_alpha,
+        prediction_loss_only=True,  # evaluation keeps losses only, not every batch's logits
         use_cpu=not config.scale.use_gpu,
         report_to=[],
         disable_tqdm=True,
@@ -138,13 +142,32 @@ class PerplexityLogging:
         super().log(logs, *args, **kwargs)
 
 
-class FinchTrainer(PerplexityLogging, LayerwiseLrDecay, Trainer):
+class LabelledPositionsLoss:
+    """Trainer mixin: the SFT / pre-training loss from the LM head at labelled positions only, in
+    chunks (train/loss.py), when `labelled_head` is set; the model's own loss otherwise."""
+
+    labelled_head: LabelledHead | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.labelled_head is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # As HF does for models that take num_items_in_batch: the sum over the tokens of every
+        # accumulated micro-batch (and device), so the step's gradient is the per-token mean.
+        counted = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, outputs = next_token_loss(model, self.labelled_head, inputs, counted)
+        if counted is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+class FinchTrainer(PerplexityLogging, LayerwiseLrDecay, LabelledPositionsLoss, Trainer):
     pass
 
 
 def build_trainer(
     config: RunConfig, model: Any, tokenizer: Any, train_rows: Dataset, eval_rows: Dataset | None, output_dir: str
 ) -> Trainer:
+    config = resolved_here(config)
     args = training_arguments(config, output_dir)
     if config.train.objective == "dpo":
         from finch.train.dpo import build_dpo_trainer
@@ -159,6 +182,9 @@ def build_trainer(
             data_collator=RowCollator(tokenizer.pad_token_id),
         )
     trainer.layer_lr_decay = config.train.layer_lr_decay
+    # FSDP shards the head's weight outside the model's forward, where the labelled head would run.
+    if config.train.objective != "dpo" and config.scale.strategy != "fsdp" and supports_labelled_head(model):
+        trainer.labelled_head = LabelledHead(model)
     if config.scale.strategy == "fsdp" and not trainer.is_fsdp_enabled:
         # accelerate falls back to DDP without a word where it cannot shard (CPU/gloo): say so instead.
         raise RuntimeError(

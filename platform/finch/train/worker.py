@@ -62,6 +62,12 @@ class RayReportCallback(TrainerCallback):
         if state.is_world_process_zero and self.progress_queue is not None:
             self.progress_queue.put({**metrics, "max_steps": state.max_steps})
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # Progress between logged steps (a slow CPU step can take a minute): the driver's bar moves
+        # and its log shows the run is alive. Not a Ray report, so no barrier.
+        if state.is_world_process_zero and self.progress_queue is not None:
+            self.progress_queue.put({"step": state.global_step, "max_steps": state.max_steps})
+
     def on_save(self, args, state, control, **kwargs):
         # Every rank uploads what it wrote (rank 0 the model and trainer state, each rank its RNG
         # state, and under FSDP its weight and optimizer shards); Ray merges them into one folder.

@@ -1,0 +1,117 @@
+"""Next-token loss from the LM head applied only where a label is, in chunks.
+
+A causal LM's own loss projects every position through the LM head: [tokens x vocabulary] logits,
+which for Gemma's 262k vocabulary are most of the model's FLOPs and memory (2,048 tokens: 2 GiB of
+fp32 logits, and as much again for their gradient). In SFT most positions carry no label (the
+prompt), and none needs its logits held all at once. So the model runs with `logits_to_keep` set to
+no position, its final hidden states are caught on the way out of the backbone, and the head runs
+here on the labelled positions only, a chunk at a time. When there is more than one chunk, each is
+recomputed in backward (activation checkpointing) so at most one chunk of logits is alive.
+
+TRL's SFTTrainer has a fused LM head of its own, but it is tied to TRL's trainer and, off Triton
+devices, scores every position; finch trains with the HF Trainer on rows it already tokenized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+# Logit elements per chunk (2^26 fp32 = 256 MiB): 256 positions at a 262k vocabulary, 2,048 at 32k.
+CHUNK_ELEMENTS = 2**26
+NO_POSITIONS = torch.empty(0, dtype=torch.long)
+
+
+class LabelledHead:
+    """The LM head of a causal LM, with what the model does to its logits after it (Gemma's soft
+    cap, Cohere's and Granite's scales), applied to hidden states of labelled positions."""
+
+    def __init__(self, model: Any):
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT -> HF model
+        text_config = causal.config.get_text_config()
+        self.module = causal.get_output_embeddings()
+        self.backbone = causal.get_decoder()
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        scale = getattr(text_config, "logit_scale", None)
+        if scale is None and getattr(text_config, "logits_scaling", None):
+            scale = 1 / text_config.logits_scaling
+        self.scale = scale or 1.0
+        self.chunk = max(1, CHUNK_ELEMENTS // self.module.out_features)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.module(hidden).float() * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def summed_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(hidden), targets, reduction="sum")
+
+
+def supports_labelled_head(model: Any) -> bool:
+    """Models whose logits the head alone decides: not mixture-of-experts (their router loss comes
+    with the model's own loss), and with a linear output layer and a decoder to hook."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = causal.config.get_text_config()
+    if getattr(config, "output_router_logits", False):
+        return False
+    try:
+        head, decoder = causal.get_output_embeddings(), causal.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return False
+    return head is not None and decoder is not None and hasattr(head, "out_features")
+
+
+@contextlib.contextmanager
+def final_hidden_states(backbone: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Catch the backbone's last_hidden_state (after its final norm) during a forward of the whole
+    model: the forward still goes through DDP's and PEFT's wrappers, which calling the backbone
+    directly would bypass."""
+    caught: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, output):
+        caught["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = backbone.register_forward_hook(keep)
+    try:
+        yield caught
+    finally:
+        handle.remove()
+
+
+def labelled_nll_sum(head: LabelledHead, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token negative log-likelihoods over positions whose next token has a label, and
+    how many there are. hidden: [batch, seq, hidden]; labels: [batch, seq] (unshifted, -100 = none)."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    chosen, targets = hidden[:, :-1][mask], targets[mask]
+    count = targets.numel()
+    if count == 0:
+        return hidden.sum() * 0.0, 0  # keeps the graph: a micro-batch without labels adds zero gradient
+    if count <= head.chunk:
+        return head.summed_nll(chosen, targets), count
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, head.chunk):
+        piece = slice(start, start + head.chunk)
+        total = total + checkpoint(head.summed_nll, chosen[piece], targets[piece], use_reentrant=False)
+    return total, count
+
+
+def next_token_loss(
+    model: Any, head: LabelledHead, inputs: dict[str, Any], num_items_in_batch: Any = None
+) -> tuple[torch.Tensor, Any]:
+    """(loss, model outputs without logits) for a batch with `labels`: the mean over labelled tokens,
+    or the sum over `num_items_in_batch` when the trainer counts tokens across accumulated micro-batches."""
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with final_hidden_states(head.backbone) as caught:
+        outputs = model(**model_inputs, logits_to_keep=NO_POSITIONS.to(inputs["labels"].device))
+    total, count = labelled_nll_sum(head, caught["hidden"], inputs["labels"])
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch, outputs
+    return total / max(count, 1), outputs
