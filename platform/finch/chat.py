@@ -48,9 +48,9 @@ def announce_dtype(requested: str, on_gpu: bool) -> str:
     """The dtype to generate in on this machine, printed with why."""
     device = detect_device(on_gpu)
     dtype, warnings = inference_dtype(requested, device)
-    console.print(f"finch: generating in {dtype} on {device.name}: {device.evidence}", highlight=False)
+    console.print(f"finch: generating in {dtype} on {device.name}: {device.evidence}", highlight=False, soft_wrap=True)
     for warning in warnings:
-        console.print(f"[yellow]finch: warning: {warning}[/]", highlight=False)
+        console.print(f"[yellow]finch: warning: {warning}[/]", highlight=False, soft_wrap=True)
     return dtype
 
 
@@ -59,7 +59,6 @@ class ChatSession:
     model: Any  # the base model, with every LoRA adapter loaded when there are any
     tokenizer: Any
     adapters: list[AdapterEntry]
-    system_prompt: str | None = None
     full_models: dict[str, Any] = field(default_factory=dict)  # registry ref -> fully fine-tuned model
 
     @classmethod
@@ -89,13 +88,15 @@ class ChatSession:
             if a.kind == "model"
         }
         model.eval()
-        return cls(model, tokenizer, adapters, config.data.system_prompt, full_models)
+        return cls(model, tokenizer, adapters, full_models)
 
     def answer(self, prompt: str, adapter: AdapterEntry | None, max_new_tokens: int = 64) -> str:
         """Greedy answer of the base model (adapter None) or one adapter."""
         template = (adapter or self.adapters[0]).manifest["template"]
-        # The same system message the adapter saw in training (formats.normalize adds it there).
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        # The system message the adapter saw in training (formats.normalize adds it there); the base
+        # model gets none, as in `finch serve`.
+        system_prompt = adapter.manifest["config"]["data"].get("system_prompt") if adapter else None
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages = [*system, {"role": "user", "content": prompt}]
         input_ids = torch.tensor([prompt_token_ids(messages, self.tokenizer, template)], device=self.model.device)
         if adapter is not None and adapter.kind == "model":

@@ -25,8 +25,15 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    address = cluster_address()
+    if address == "local":
+        # Ray Train's preemption watcher follows node drains (spot instances, autoscaler downscaling);
+        # a one-machine cluster finch starts has none, and the watcher's start logs an error-level
+        # core-worker line on every run (ray-project/ray#53727). Clusters keep it. Ray Train passes the
+        # driver's value on to its controller.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
-        address=cluster_address(),
+        address=address,
         logging_level=logging.WARNING,
         # Workers import finch from the same environment; keep their tokenizers single-threaded
         # so Ray Data tasks don't oversubscribe the cores. Their output goes to log files that Ray

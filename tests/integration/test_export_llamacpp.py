@@ -37,7 +37,7 @@ def test_llama_cpp_runs_a_gemma_adapter_export_like_transformers(tmp_path):
 
     base = ensure_gemma3_270m()
     # small random weights: the merged model still answers sensibly
-    adapter = register(tmp_path, base, "concierge", b_std=0.002, model={"path": GEMMA3_270M_URI, "dtype": "bfloat16"})
+    adapter = register(tmp_path, base, "concierge", b_std=0.002, model={"path": GEMMA3_270M_URI, "dtype": "auto"})
     path = export_gguf(tmp_path / "registry", "concierge", tmp_path / "concierge.gguf", "f16")
 
     fields = GGUFReader(path).fields

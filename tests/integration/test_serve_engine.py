@@ -14,13 +14,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import publish, resolve_adapter
 from finch.config import EngineConfig
 from finch.serve.engine import AdapterRefused, ServingEngine
 from tests.conftest import make_adapter
+from tests.greedy import greedy_answers, load_reference
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 12
@@ -32,16 +32,12 @@ def register(registry: Path, name: str, adapter_dir: Path, base_dir: Path) -> No
     publish(registry, name, files, {"base_model": {"fingerprint": fingerprint_model_folder(base_dir)}, "template": "chat"})
 
 
-def reference(model_dir: Path, adapter_dir: Path | None, prompt: list[int]) -> list[int]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(prompt) :].tolist()
+def references(model_dir: Path, adapter_dir: Path | None, prompt: list[int]) -> list[list[int]]:
+    """transformers + PEFT's greedy answers (NEW_TOKENS, no end token): the plain one first, then any
+    that leave it only at a near-tie, where vLLM's kernels may rightly pick the other token
+    (tests/greedy.py)."""
+    model = load_reference(model_dir, adapter_dir)
+    return greedy_answers(model, prompt, NEW_TOKENS, model.config.eos_token_id, min_new_tokens=NEW_TOKENS)
 
 
 async def greedy(engine: ServingEngine, prompt: list[int], adapter: str | None) -> list[int]:
@@ -62,7 +58,7 @@ def served(tmp_path_factory, tiny_serving_model_dir):
     adapters = {name: make_adapter(tiny_serving_model_dir, tmp / name, seed) for name, seed in (("a1", 1), ("a2", 2), ("a1v2", 3))}
     register(registry, "a1", adapters["a1"], tiny_serving_model_dir)
     register(registry, "a2", adapters["a2"], tiny_serving_model_dir)
-    settings = EngineConfig(dtype="float32", max_loras=2, max_lora_rank=8, max_model_len=256)
+    settings = EngineConfig(max_loras=2, max_lora_rank=8, max_model_len=256)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # vLLM's client and asyncio.gather below bind to the current loop
     engine = ServingEngine.start(settings, str(tiny_serving_model_dir), registry, tmp / "zero", "float32")
@@ -80,8 +76,8 @@ def test_mixed_batches_match_transformers_for_base_and_every_adapter(served, tin
     jobs = [(PROMPTS[0], None), (PROMPTS[1], "a1"), (PROMPTS[2], "a2"), (PROMPTS[3], None), (PROMPTS[0], "a1")]
     outputs = loop.run_until_complete(asyncio.gather(*(greedy(engine, p, a) for p, a in jobs)))
     for (prompt, adapter), got in zip(jobs, outputs):
-        expected = reference(tiny_serving_model_dir, adapters[adapter] if adapter else None, prompt)
-        assert got == expected, f"{adapter or 'base'}: vLLM {got} != transformers {expected}"
+        expected = references(tiny_serving_model_dir, adapters[adapter] if adapter else None, prompt)
+        assert got in expected, f"{adapter or 'base'}: vLLM {got} is none of transformers' {expected}"
     # the adapters really change the output, so the comparison above can fail
     assert outputs[0] != outputs[4]
 
@@ -89,8 +85,9 @@ def test_mixed_batches_match_transformers_for_base_and_every_adapter(served, tin
 def test_reload_swaps_versions_without_failing_running_requests(served, tiny_serving_model_dir):
     engine, loop, registry, adapters, _ = served
     loop.run_until_complete(engine.load("a1"))
-    old = reference(tiny_serving_model_dir, adapters["a1"], PROMPTS[1])
-    new = reference(tiny_serving_model_dir, adapters["a1v2"], PROMPTS[1])
+    old = references(tiny_serving_model_dir, adapters["a1"], PROMPTS[1])
+    new = references(tiny_serving_model_dir, adapters["a1v2"], PROMPTS[1])
+    assert not any(answer in new for answer in old)
     register(registry, "a1", adapters["a1v2"], tiny_serving_model_dir)
 
     async def swap_while_running():
@@ -101,7 +98,7 @@ def test_reload_swaps_versions_without_failing_running_requests(served, tiny_ser
 
     during, reloaded, after = loop.run_until_complete(swap_while_running())
     assert reloaded.entry.ref == "a1@v2"
-    assert during == old and after == new
+    assert during in old and after in new
     loop.run_until_complete(engine.unload("a1"))
     with pytest.raises(Exception, match="no adapter named 'a1'"):
         loop.run_until_complete(greedy(engine, PROMPTS[1], "a1"))

@@ -8,11 +8,11 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from finch.config import ServeConfig, validate_config
 from finch.data.tokenization import prompt_token_ids
 from tests.conftest import free_port, make_tokenizer
+from tests.greedy import greedy_answers, load_reference
 from tests.integration.test_serve_engine import make_adapter, register
 
 pytestmark = pytest.mark.integration
@@ -67,28 +67,25 @@ def client(url: str, key: str = API_KEY):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def reference_answer(model_dir, adapter_dir, max_new_tokens: int) -> str:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def reference_answers(model_dir, adapter_dir, max_new_tokens: int) -> set[str]:
+    """transformers' greedy answers to QUESTION: the plain one, and any that leave it only at a
+    near-tie, where another CPU's kernels may rightly pick the other token (tests/greedy.py)."""
     tokenizer = make_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
     # the prompt exactly as training renders it (finch.data.tokenization)
-    ids = torch.tensor([prompt_token_ids(QUESTION, tokenizer, "chat")])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    prompt = prompt_token_ids(QUESTION, tokenizer, "chat")
+    answers = greedy_answers(load_reference(model_dir, adapter_dir), prompt, max_new_tokens, tokenizer.eos_token_id)
+    return {tokenizer.decode(answer, skip_special_tokens=True) for answer in answers}
 
 
 def test_models_chat_and_streaming_match_transformers(server):
     url, _, adapters, model_dir = server
     api = client(url)
     assert {m.id for m in api.models.list().data} == {"base", "a1"}
-    for model, adapter_dir in (("a1", adapters["a1"]), ("base", None)):
+    expected = {"a1": reference_answers(model_dir, adapters["a1"], 10), "base": reference_answers(model_dir, None, 10)}
+    assert not expected["a1"] & expected["base"]  # a base request computed with a1 (or the reverse) fails
+    for model in ("a1", "base"):
         reply = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=10, temperature=0)
-        assert reply.choices[0].message.content == reference_answer(model_dir, adapter_dir, 10), model
+        assert reply.choices[0].message.content in expected[model], (model, expected[model])
         assert reply.usage.prompt_tokens == len(prompt_token_ids(QUESTION, make_tokenizer(), "chat"))
         assert reply.usage.completion_tokens <= 10
         chunks = list(api.chat.completions.create(model=model, messages=QUESTION, max_tokens=10, temperature=0,
@@ -136,9 +133,9 @@ def test_adapters_load_reload_and_unload_under_traffic(server):
     assert refused.status_code == 404 and "must look like name" in refused.json()["error"]["message"]
 
     register(registry, "a1", adapters["a1v2"], model_dir)
-    before = reference_answer(model_dir, adapters["a1"], 8)
-    after = reference_answer(model_dir, adapters["a1v2"], 8)
-    assert before != after
+    before = reference_answers(model_dir, adapters["a1"], 8)
+    after = reference_answers(model_dir, adapters["a1v2"], 8)
+    assert not before & after
 
     def ask(_):
         return api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=8, temperature=0).choices[0].message.content
@@ -148,7 +145,7 @@ def test_adapters_load_reload_and_unload_under_traffic(server):
         swap = admin.post("/admin/adapters", json={"adapter": "a1"})
         answers += list(pool.map(ask, range(4)))
     assert swap.json()["ref"] == "a1@v2"
-    assert set(answers) <= {before, after} and answers[-4:] == [after] * 4  # no request failed during the swap
+    assert set(answers) <= before | after and set(answers[-4:]) <= after, answers  # no request failed during the swap
     with pytest.raises(Exception, match="a1@v2 loaded"):
         api.chat.completions.create(model="a1@v1", messages=QUESTION, max_tokens=2)
 

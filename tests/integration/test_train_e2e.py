@@ -55,11 +55,25 @@ def test_registry_entry_has_peft_files_and_a_complete_manifest(trained, tiny_pla
     assert manifest["template"] == "alpaca"  # the tokenizer has no chat template
     assert manifest["metrics"]["step"] == 6 and manifest["metrics"]["train_loss"] > 0
     assert manifest["finch_version"] and manifest["created_at"].endswith("+00:00")
+    # what the run computed in, and why: the config's float32 is kept, on this machine's CPU
+    assert manifest["precision"]["weights"] == "float32" and manifest["precision"]["mixed_precision"] == "no"
+    assert manifest["precision"]["device"]["kind"] == "cpu" and "measured" in manifest["precision"]["device"]["evidence"]
     run_dir = tmp_path / "runs" / "facts"
     assert (run_dir / "loss.png").stat().st_size > 1000
     history = json.loads((run_dir / "final" / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5, 6]
     assert {p.name for p in run_dir.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+
+
+def test_the_first_line_says_the_precision_and_every_step_line_arrives_through_a_pipe(trained):
+    _, result = trained  # stdout was a pipe, as under `ray job submit` or `make demo > log`
+    lines = [line for line in result.stdout.splitlines() if line.startswith("finch:")]
+    assert lines[0].startswith("finch: precision float32 weights on ") and "CPU" in lines[0]
+    assert "finch: facts: starting the training workers" in result.stdout
+    steps = [line for line in lines if line.startswith("finch: step ")]
+    assert steps[0].startswith("finch: step 1/6")  # the first step is shown before any logging step
+    assert any(line.startswith("finch: step 6/6") for line in steps)
+    assert "PreemptionWatcher" not in result.stdout + result.stderr  # Ray's error line on local clusters
 
 
 def test_adapter_loads_with_plain_peft_and_changes_the_model(trained, tiny_plain_model_dir):
@@ -86,6 +100,7 @@ def test_chat_shows_base_and_adapter_side_by_side(trained):
     result = finch("chat", "--adapter", "facts", "--prompt", "What is the code word for room 3?", "--max-new-tokens", "8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "base" in result.stdout and "facts@v1" in result.stdout
+    assert "finch: generating in float32 on " in result.stdout  # the run's explicit dtype, kept
 
 
 def test_second_run_with_same_name_needs_overwrite(trained):

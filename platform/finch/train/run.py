@@ -23,7 +23,7 @@ from finch.train.progress import TrainingProgress
 from finch.train.tracking import MlflowTracker, flatten
 from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, last_values, train_loop_per_worker
 
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole in files and pipes
 
 
 # What a checkpoint's weights, optimizer state and data position depend on.

@@ -21,6 +21,7 @@ import ray.train
 import torch
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
+from transformers.utils.logging import disable_progress_bar
 
 from finch.config import RunConfig, validate_config
 from finch.data.pipeline import load_tokenizer
@@ -83,8 +84,12 @@ class RayReportCallback(TrainerCallback):
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     config = validate_config(payload["config"])
-    # Ray Train logs every report at INFO through the root logger; finch prints its own line.
+    # Ray Train logs every report at INFO through the root logger; finch prints its own line. Ray
+    # Data's shard notices and transformers' weight-loading bar would reach the driver's log as
+    # prefixed lines from every worker.
     logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    disable_progress_bar()
     torch.set_num_threads(torch_threads(config))
     tokenizer = load_tokenizer(payload["model_path"], config.model.trust_remote_code)
     train_rows = Rows(ray.train.get_dataset_shard("train"))

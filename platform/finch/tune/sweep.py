@@ -30,7 +30,7 @@ from finch.train.run import fit, print_data_stats, print_precision, register, wo
 from finch.tune.report import TrialResult, plot_trials, print_results, write_results_csv
 
 METRIC, MODE = "eval_loss", "min"
-console = Console()
+console = Console(soft_wrap=True)  # log lines stay whole in files and pipes
 
 
 class SweepError(RuntimeError):
