@@ -161,10 +161,11 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, device: Device, 
     from ray.train.torch import TorchTrainer
 
     datasets = {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
+    # Workers train with every 'auto' type resolved for `device`; run folders and manifests keep 'auto'.
+    worker_config = resolved(config, training_precision(config, device))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # Workers train with every 'auto' type resolved for `device`; run folders and manifests keep 'auto'.
-        train_loop_config={"config": dump_config(resolved(config, training_precision(config, device))), "model_path": model_path, "progress_queue": progress_queue},
+        train_loop_config={"config": dump_config(worker_config), "model_path": model_path, "progress_queue": progress_queue},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scale.num_workers,
             use_gpu=config.scale.use_gpu,
