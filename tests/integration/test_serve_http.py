@@ -212,7 +212,7 @@ def test_chat_page_streams_answers_and_compares_two_models(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def tight_server(server, tiny_serving_model_dir):
-    """A second application on the same Serve proxy: one request at a time, one queued, a 1.5 s timeout."""
+    """A second application on the same Serve proxy: one request at a time, one queued, a 1 s timeout."""
     from ray import serve
 
     from finch.serve.app import build_application
@@ -224,9 +224,9 @@ def tight_server(server, tiny_serving_model_dir):
             "model": {"path": str(tiny_serving_model_dir), "dtype": "float32"},
             "template": "chat",
             "registry_dir": str(registry),
-            "engine": {"max_model_len": 512, "max_loras": 2, "max_lora_rank": 8},
-            "server": {"max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 1.5,
-                       "max_tokens_limit": 400, "cpus_per_replica": 0.25},
+            "engine": {"max_model_len": 1024, "max_loras": 2, "max_lora_rank": 8},
+            "server": {"max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 1.0,
+                       "max_tokens_limit": 950, "cpus_per_replica": 0.25},
         },
         schema=ServeConfig,
     )
@@ -235,8 +235,10 @@ def tight_server(server, tiny_serving_model_dir):
     serve.delete("tight")
 
 
-# The tiny model's greedy answer to QUESTION repeats without an end token: 400 tokens take seconds.
-SLOW = {"model": "base", "messages": QUESTION, "max_tokens": 400, "temperature": 0}
+# The tiny model's greedy answer to QUESTION repeats without an end token. 400 tokens took 1.1-1.5 s
+# in float32 on a 2-core EPYC (bf16 capped away), a race with the old 1.5 s timeout; 950 tokens (the
+# model's 1,024 positions) take about 2.4x that, against a 1 s timeout.
+SLOW = {"model": "base", "messages": QUESTION, "max_tokens": 950, "temperature": 0}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 

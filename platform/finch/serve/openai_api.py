@@ -323,15 +323,23 @@ async def stream_events(outputs: AsyncIterator[Any], body: SamplingRequest, requ
     if chat:
         yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
     prompt_tokens = completion_tokens = 0
+    deadline = asyncio.get_running_loop().time() + timeout
+    stream = aiter(outputs)
     try:
-        async with asyncio.timeout(timeout):
-            async for output in outputs:
-                piece = output.outputs[0]
-                prompt_tokens = len(output.prompt_token_ids or [])
-                completion_tokens += len(piece.token_ids)
-                content = {"delta": {"content": piece.text}} if chat else {"text": piece.text}
-                if piece.text or piece.finish_reason:
-                    yield event({"index": 0, **content, "finish_reason": piece.finish_reason})
+        while True:
+            # The deadline covers waiting for vLLM only. A timeout around the yields too would fire
+            # while this generator is suspended in Starlette's send and cancel the response there,
+            # cutting the stream without the error event and [DONE].
+            async with asyncio.timeout_at(deadline):
+                output = await anext(stream, None)
+            if output is None:
+                break
+            piece = output.outputs[0]
+            prompt_tokens = len(output.prompt_token_ids or [])
+            completion_tokens += len(piece.token_ids)
+            content = {"delta": {"content": piece.text}} if chat else {"text": piece.text}
+            if piece.text or piece.finish_reason:
+                yield event({"index": 0, **content, "finish_reason": piece.finish_reason})
     except TimeoutError:
         yield f"data: {json.dumps({'error': {'message': f'generation took longer than {timeout} s', 'type': 'timeout_error', 'code': 'timeout'}})}\n\n"
     if body.stream_options and body.stream_options.include_usage:
