@@ -29,7 +29,7 @@ class FinchServer:
         from finch.chat import stop_token_ids
         from finch.data.pipeline import load_tokenizer
         from finch.data.templates import resolve_template
-        from finch.precision import detect_device, inference_dtype
+        from finch.precision import detect_device, sixteen_bit_type
         from finch.serve.engine import ServingEngine
         from finch.serve.openai_api import ApiState, build_api
 
@@ -37,7 +37,9 @@ class FinchServer:
         zero_adapters = cache_root() / "zero-adapters"
         # `finch serve` resolved model.dtype for the replicas' device (see run); 'auto' left by another
         # caller is resolved here, on that device.
-        dtype, _ = inference_dtype(self.config.model.dtype, detect_device(self.config.server.gpus_per_replica > 0))
+        dtype = self.config.model.dtype
+        if dtype == "auto":
+            dtype = sixteen_bit_type(detect_device(self.config.server.gpus_per_replica > 0))
         self.engine = ServingEngine.start(self.config.engine, model_path, self.config.registry_dir, zero_adapters, dtype)
         replica = serve.get_replica_context().replica_id.unique_id
         directory = open_directory(self.config.name, initial_adapters)

@@ -22,10 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from finch.data.tokenization import IGNORE_INDEX
+
 # Logit elements per chunk (2^26 fp32 = 256 MiB): 256 positions at a 262k vocabulary, 2,048 at 32k.
 CHUNK_ELEMENTS = 2**26
 NO_POSITIONS = torch.empty(0, dtype=torch.long)
+
+
+def causal_lm(model: Any) -> Any:
+    """The Hugging Face causal LM inside a PEFT model (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class LabelledHead:
@@ -33,7 +39,7 @@ class LabelledHead:
     cap, Cohere's and Granite's scales), applied to hidden states of labelled positions."""
 
     def __init__(self, model: Any):
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT -> HF model
+        causal = causal_lm(model)
         text_config = causal.config.get_text_config()
         self.module = causal.get_output_embeddings()
         self.backbone = causal.get_decoder()
@@ -57,7 +63,7 @@ class LabelledHead:
 def supports_labelled_head(model: Any) -> bool:
     """Models whose logits the head alone decides: not mixture-of-experts (their router loss comes
     with the model's own loss), and with a linear output layer and a decoder to hook."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = causal_lm(model)
     config = causal.config.get_text_config()
     if getattr(config, "output_router_logits", False):
         return False
