@@ -42,9 +42,9 @@ ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 # CPU flags (Linux /proc/cpuinfo names) of bf16 arithmetic in hardware.
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 ARM_BF16_FLAGS = ("bf16",)
-# A 16-bit type counts as native when its matmuls run at least this fraction of fp32's speed. Native
-# bf16 measured 4-5x fp32 here; emulated bf16 (AVX2) 0.01x; AVX512 without bf16 (oneDNN's own
-# conversion) 0.85x, which still costs time in training: 16-bit only pays where it is clearly native.
+# A 16-bit type counts as native when its matmuls run at least this fraction of fp32's speed. The
+# probe measured native bf16 at 4.8x fp32 and capped-to-AVX2 bf16 at 0.054x (bench/cpu_dtype.py);
+# 16-bit only pays where it is clearly native.
 NATIVE_SPEED_RATIO = 1.0
 PROBE_SIZE = 256  # 256^3 matmuls: 34 MFLOP, under 0.1 s even at emulated-bf16 speed
 PROBE_VERSION = 1
