@@ -57,7 +57,7 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 	touch $@
 
 test: setup $(VENV)/.llamacpp $(CHROMIUM)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs registry

@@ -32,6 +32,7 @@ On CPU read the ratios, not the seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -94,13 +95,17 @@ def run_config(args: argparse.Namespace, work: Path, method: str, workers: int) 
 
 @dataclass
 class Memory:
-    """Peak PSS of a process tree: in all, of its largest process, and per process at the peak."""
+    """Peak PSS of a process tree: in all, of its largest process, and per process at the peak;
+    and the peak RSS of its root process."""
 
     total: int = 0
     largest_process: int = 0
     at_peak: dict[str, int] | None = None
+    root_rss: int = 0
 
     def sample(self, processes: list[psutil.Process]) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.root_rss = max(self.root_rss, processes[0].memory_info().rss)
         sizes = {}
         for process in processes:
             try:

@@ -35,15 +35,13 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
              "server": {"port": free_port(), "num_replicas": 2, "cpus_per_replica": 1}}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
 
-    # Ray's temp folder of its own (short: socket paths live under it), so the address record
-    # the Cluster writes there never points later `ray.init()` calls at a cluster that is gone.
-    ray_tmp = tempfile.mkdtemp(prefix="finch-ray-", dir="/tmp")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
-    try:
-        result = subprocess.run([sys.executable, "-m", "tests.integration.two_node_cluster", "run.yaml", "serve.yaml",
-                                 "seen.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    for _ in range(2):
+        result = run_two_node_cluster(tmp_path)
+        # Ray gives a node 30 s (fixed, in ray/_private/node.py) to register with its GCS; on a
+        # loaded 2-core CI machine the second node sometimes takes longer. That is Ray starting
+        # up, not finch: start the cluster again (its process's children died with it).
+        if "node timed out during startup" not in result.stderr:
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen["nodes"] == 2 and seen["registered"] == "facts-2n@v1"
@@ -55,3 +53,15 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
     assert seen["statuses"] == [200] * 16 and len(seen["replicas_answering"]) == 2  # ...both serving the adapter
     assert len(set(seen["answers"])) == 1  # greedy: the same answer from either node
 
+
+
+def run_two_node_cluster(tmp_path: Path) -> subprocess.CompletedProcess:
+    # Ray's temp folder of its own (short: socket paths live under it), so the address record
+    # the Cluster writes there never points later `ray.init()` calls at a cluster that is gone.
+    ray_tmp = tempfile.mkdtemp(prefix="finch-ray-", dir="/tmp")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    try:
+        return subprocess.run([sys.executable, "-m", "tests.integration.two_node_cluster", "run.yaml", "serve.yaml",
+                               "seen.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

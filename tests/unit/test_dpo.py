@@ -32,7 +32,7 @@ def preference_rows(count: int, max_length: int) -> list[dict]:
     return rows
 
 
-def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 1000, output: str = "hf"):
+def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 1000, output: str = "hf", **sections):
     config = validate_config(
         run_config_dict(
             tmp_path,
@@ -42,6 +42,7 @@ def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 
             train={"objective": "dpo", "method": method, "max_steps": steps, "lr": 5e-3, "batch_size": 4,
                    "eval_steps": steps, "save_steps": save_steps},
             dpo={"beta": 0.1},
+            **sections,
         )
     )
     rows = preference_rows(16, max_length=256)
@@ -87,6 +88,43 @@ def test_dpo_starts_at_ln2_and_the_reward_margin_grows(tmp_path, tiny_model_dir,
     train_margins = [entry["rewards/margins"] for entry in history if "rewards/margins" in entry]
     assert sum(train_margins[-3:]) / 3 > 0.5
     assert train_margins[-1] > train_margins[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_dpo_loss_and_gradients_equal_those_from_full_logits(tmp_path, tiny_model_dir, method):
+    """TRL's fused LM head (tiles, never the [tokens x vocabulary] logits) gives the DPO loss and
+    gradients that log-softmax over the model's full logits gives, for finch's pretokenized pairs."""
+    trainer = dpo_trainer(tmp_path, tiny_model_dir, method, steps=1, qlora={"compute_dtype": "float32"})
+    model = trainer.model.train()
+    with torch.no_grad():  # move the policy away from the reference, so both log-ratios matter
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * (0.05 if "lora_B" in name else 0.01))
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    def answer_logps(forward) -> torch.Tensor:
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        picked = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return (picked * batch["completion_mask"][:, 1:]).sum(1)
+
+    with torch.no_grad():
+        if method != "full":
+            with model.disable_adapter():
+                reference = answer_logps(model)
+        else:
+            reference = answer_logps(trainer.ref_model)
+    chosen, rejected = (answer_logps(model) - reference).chunk(2)
+    expected = -torch.nn.functional.logsigmoid(trainer.beta * (chosen - rejected)).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-4)
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert plain.keys() == fused.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], atol=1e-6, rtol=1e-3, msg=name)
 
 
 def test_preference_pairs_share_the_prompt_and_end_with_the_answer_end(tokenizer):

@@ -23,7 +23,7 @@ def inspect_data(config: RunConfig, histogram: Path | None = None) -> dict[str, 
     stats = prepared.stats
     histogram = histogram or config.run_dir / "token_lengths.png"
     histogram.parent.mkdir(parents=True, exist_ok=True)
-    plot_lengths(stats["lengths"], config.data.max_length, histogram)
+    plot_lengths(stats["length_histogram"], config.data.max_length, histogram)
     console.print(stats_table(stats, prepared.template))
     console.print(f"finch: token-length histogram written to {histogram}")
     return stats
@@ -49,18 +49,20 @@ def stats_table(stats: dict[str, Any], template: str) -> Table:
     return table
 
 
-def plot_lengths(lengths: list[int], max_length: int, path: Path) -> Path:
+def plot_lengths(histogram: list[int], max_length: int, path: Path) -> Path:
+    """histogram[n]: how many examples are n tokens long."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    axis.hist(lengths, bins=min(50, max(10, len(set(lengths)))), color="#4477aa")
+    distinct = sum(1 for count in histogram if count)
+    axis.hist(range(len(histogram)), weights=histogram, bins=min(50, max(10, distinct)), color="#4477aa")
     axis.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length {max_length}")
     axis.set_xlabel("tokens per example")
     axis.set_ylabel("examples")
-    axis.set_title(f"Token lengths ({len(lengths):,} examples)")
+    axis.set_title(f"Token lengths ({sum(histogram):,} examples)")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)

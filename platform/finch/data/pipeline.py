@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import ray
 import ray.data
@@ -126,16 +127,18 @@ def tokenize_files(
 
 def count_skipped(examples: ray.data.Dataset, files: list[str]) -> dict[str, int]:
     """Rows skipped per kind; a warning quotes the first reasons, so the user can find those rows."""
-    skipped = examples.filter(expr=col("skipped") != "").select_columns(["skipped", "skip_reason"]).to_pandas()
-    kinds = list(skipped.get("skipped", []))  # with nothing skipped, Ray's frame has no columns either
-    counts = {f"skipped_{kind}": kinds.count(kind) for kind in SKIP_LABELS}
-    if kinds:
-        logger.warning(
-            "finch: skipped %s in %s (data.bad_rows / data.overlong: skip); the first: %s",
-            describe_skipped(counts),
-            ", ".join(files),
-            "; ".join(skipped["skip_reason"].head(SKIP_REASONS_LOGGED)),
-        )
+    skipped = examples.filter(expr=col("skipped") != "").select_columns(["skipped", "skip_reason"]).materialize()
+    counts = {f"skipped_{kind}": 0 for kind in SKIP_LABELS}
+    if skipped.count() == 0:  # (Ray's groupby of no rows has no columns)
+        return counts
+    for group in skipped.groupby("skipped").count().iter_rows():
+        counts[f"skipped_{group['skipped']}"] = group["count()"]
+    logger.warning(
+        "finch: skipped %s in %s (data.bad_rows / data.overlong: skip); the first: %s",
+        describe_skipped(counts),
+        ", ".join(files),
+        "; ".join(row["skip_reason"] for row in skipped.take(SKIP_REASONS_LOGGED)),
+    )
     return counts
 
 
@@ -181,22 +184,56 @@ def to_rows(examples: ray.data.Dataset, data: DataConfig, pad_id: int, objective
 
 
 def example_stats(examples: ray.data.Dataset, max_length: int) -> dict[str, Any]:
-    frame = examples.select_columns(["length", "truncated", "trainable"]).to_pandas()
-    lengths = frame["length"]
+    """Counts and the length distribution, summed from one summary per block as they stream to
+    the driver, which never holds a column of the dataset."""
+    summaries = examples.select_columns(["length", "truncated", "trainable"]).map_batches(
+        _block_summary, batch_format="numpy", batch_size=None
+    )
+    histogram = np.zeros(max_length + 1, dtype=np.int64)
+    totals = {"trainable_tokens": 0, "truncated": 0, "dropped_no_answer": 0}
+    for summary in summaries.iter_rows():
+        counts = np.asarray(summary["histogram"], dtype=np.int64)
+        if len(counts) > len(histogram):
+            histogram = np.pad(histogram, (0, len(counts) - len(histogram)))
+        histogram[: len(counts)] += counts
+        totals = {key: total + int(summary[key]) for key, total in totals.items()}
+    lengths = np.flatnonzero(histogram)
+    examples_count = int(histogram.sum())
     return {
-        "examples": len(frame),
-        "tokens": int(lengths.sum()),
-        "trainable_tokens": int(frame["trainable"].sum()),
-        "truncated": int(frame["truncated"].sum()),
-        "dropped_no_answer": int((frame["trainable"] == 0).sum()),
+        "examples": examples_count,
+        "tokens": int(histogram @ np.arange(len(histogram))),
+        **totals,
         "length_min": int(lengths.min()),
-        "length_mean": float(lengths.mean()),
-        "length_p50": float(lengths.quantile(0.5)),
-        "length_p95": float(lengths.quantile(0.95)),
+        "length_mean": float(histogram @ np.arange(len(histogram)) / examples_count),
+        "length_p50": histogram_quantile(histogram, 0.5),
+        "length_p95": histogram_quantile(histogram, 0.95),
         "length_max": int(lengths.max()),
         "max_length": max_length,
-        "lengths": lengths.tolist(),
+        "length_histogram": histogram[: lengths.max() + 1].tolist(),
     }
+
+
+def _block_summary(batch: dict[str, np.ndarray]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "histogram": [np.bincount(batch["length"].astype(np.int64)).tolist()],
+        "trainable_tokens": [int(batch["trainable"].sum())],
+        "truncated": [int(batch["truncated"].sum())],
+        "dropped_no_answer": [int((batch["trainable"] == 0).sum())],
+    })
+
+
+def histogram_quantile(histogram: np.ndarray, q: float) -> float:
+    """The q-quantile of the values a histogram counts (histogram[v] = how often v occurs), with
+    linear interpolation between neighbours as pandas and numpy compute it."""
+    cumulative = np.cumsum(histogram)
+    position = q * (cumulative[-1] - 1)
+    below = int(np.floor(position))
+
+    def nth(index: int) -> int:  # the index-th smallest value
+        return int(np.searchsorted(cumulative, index, side="right"))
+
+    fraction = position - below
+    return float(nth(below) + fraction * (nth(below + 1) - nth(below))) if fraction else float(nth(below))
 
 
 def row_stats(rows: ray.data.Dataset, max_length: int) -> dict[str, Any]:

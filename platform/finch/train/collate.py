@@ -1,9 +1,13 @@
-"""Batch rows for the model: packed rows stack up to the fullest one, unpacked rows pad to the longest."""
+"""Batch rows for the model: packed rows stack up to the fullest one, unpacked rows pad to the longest.
+
+Rows come from train/rows.py (numpy arrays) or as Python lists (tests, benchmarks).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from finch.data.tokenization import IGNORE_INDEX
@@ -20,12 +24,20 @@ class RowCollator:
             # its end and carries no loss, so the padding past the batch's fullest row is cut:
             # nothing else attends to it, and a batch of rows that packed loosely costs less.
             length = max(row.get("num_tokens", len(row["input_ids"])) for row in rows)
-            return {key: torch.tensor([list(row[key])[:length] for row in rows]) for key in ("input_ids", "labels", "position_ids")}
+            return {key: stacked([row[key][:length] for row in rows]) for key in ("input_ids", "labels", "position_ids")}
         longest = max(len(row["input_ids"]) for row in rows)
-        batch: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
-        for row in rows:
-            pad = longest - len(row["input_ids"])
-            batch["input_ids"].append(list(row["input_ids"]) + [self.pad_id] * pad)
-            batch["labels"].append(list(row["labels"]) + [IGNORE_INDEX] * pad)
-            batch["attention_mask"].append([1] * len(row["input_ids"]) + [0] * pad)
-        return {key: torch.tensor(value) for key, value in batch.items()}
+        batch = {
+            "input_ids": np.full((len(rows), longest), self.pad_id, dtype=np.int64),
+            "labels": np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64),
+            "attention_mask": np.zeros((len(rows), longest), dtype=np.int64),
+        }
+        for index, row in enumerate(rows):
+            size = len(row["input_ids"])
+            batch["input_ids"][index, :size] = row["input_ids"]
+            batch["labels"][index, :size] = row["labels"]
+            batch["attention_mask"][index, :size] = 1
+        return {key: torch.from_numpy(value) for key, value in batch.items()}
+
+
+def stacked(sequences: list[Any]) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(sequences, dtype=np.int64))

@@ -4,20 +4,29 @@ The reference model: with LoRA/QLoRA it is the base with the adapter disabled (n
 is held); with full fine-tuning a frozen copy of the base. TRL turns all dropout off (its
 `disable_dropout` default, so lora.dropout and model.dropout do not apply) so that policy and
 reference agree at the start, which is what makes the first loss exactly ln 2 for the sigmoid loss.
+
+Log-probabilities come from TRL's fused LM head (`add_fused_lm_head`): tiles of at most 4,096
+positions by 32,768 vocabulary entries, recomputed in backward, never the [tokens x vocabulary]
+logits. Off Triton devices it scores the prompt positions too (fixed tile shapes); on GPUs only
+the answer tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from finch.config import RunConfig
 from finch.models.loading import load_base_model
-from finch.train.trainers import LayerwiseLrDecay, hf_arguments
+from finch.train.rows import iterate
+from finch.train.trainers import LayerwiseLrDecay, PeakMemoryLogging, hf_arguments
 
 
-class PretokenizedDPOTrainer(LayerwiseLrDecay, DPOTrainer):
+class PretokenizedDPOTrainer(PeakMemoryLogging, LayerwiseLrDecay, DPOTrainer):
     """Rows arrive as prompt_ids/chosen_ids/rejected_ids, rendered by finch's templates exactly
     like SFT data and inference prompts; TRL's own preparation would re-render them from text."""
 
@@ -51,8 +60,6 @@ def dpo_arguments(config: RunConfig, output_dir: str) -> DPOConfig:
 
 
 def build_dpo_trainer(config: RunConfig, model: Any, tokenizer: Any, args: DPOConfig, train_rows, eval_rows):
-    from datasets import Dataset
-
     reference = None
     if config.train.method == "full":
         reference = load_base_model(config.model, model.name_or_path, config.scale.use_gpu)
@@ -61,7 +68,15 @@ def build_dpo_trainer(config: RunConfig, model: Any, tokenizer: Any, args: DPOCo
         model=model,
         ref_model=reference,
         args=args,
-        train_dataset=Dataset.from_list(list(train_rows)),
-        eval_dataset=Dataset.from_list(list(eval_rows)) if eval_rows is not None else None,
+        train_dataset=arrow_dataset(train_rows, args.output_dir),
+        eval_dataset=arrow_dataset(eval_rows, args.output_dir) if eval_rows is not None else None,
         processing_class=tokenizer,
+    )
+
+
+def arrow_dataset(rows: Sequence[dict[str, Any]], scratch: str) -> Dataset:
+    """The rows as an HF dataset, the only kind TRL takes: written to an Arrow file in `scratch` a
+    batch at a time and memory-mapped, never a whole copy in memory."""
+    return Dataset.from_generator(
+        iterate, gen_kwargs={"rows": rows}, cache_dir=str(Path(scratch) / "arrow"), keep_in_memory=False
     )

@@ -27,6 +27,8 @@ SHOWN = (
     ("learning_rate", "lr"),
     ("grad_norm", "grad norm"),
     ("train_loss", "mean train loss"),
+    ("peak_rss_gib", "worker peak RSS GiB"),
+    ("peak_gpu_gib", "worker peak GPU GiB"),
 )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 from rich.console import Console
@@ -20,6 +21,7 @@ from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish
 from finch.runtime import OutputFolderError, init_ray
 from finch.train.plots import plot_loss
 from finch.train.progress import TrainingProgress
+from finch.train.rows import run_rows_name
 from finch.train.tracking import MlflowTracker, flatten
 from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, last_values, train_loop_per_worker
 
@@ -165,7 +167,15 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, device: Device, 
     worker_config = resolved(config, training_precision(config, device))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": dump_config(worker_config), "model_path": model_path, "progress_queue": progress_queue},
+        train_loop_config={
+            "config": dump_config(worker_config),
+            "model_path": model_path,
+            "progress_queue": progress_queue,
+            # Where the workers keep the rows on their nodes' disks, and a key that is the same for
+            # every worker of this fit and changes with the next: restarts after a failure reuse the
+            # files, a new run rewrites them (train/rows.py).
+            "rows": {"folder": run_rows_name(config.name, config.run_dir), "key": uuid.uuid4().hex},
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scale.num_workers,
             use_gpu=config.scale.use_gpu,
@@ -184,7 +194,8 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, device: Device, 
         ),
         datasets=datasets,
         # Each worker receives all rows, in the same order (HF Trainer's DistributedSampler shards
-        # them by index, so ranks must agree on what index i is).
+        # them by index, so ranks must agree on what index i is); one worker per node writes them
+        # to disk, the node's workers read them from there (train/rows.py).
         dataset_config=ray.train.DataConfig(
             datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)
         ),
@@ -228,7 +239,7 @@ def manifest(
     config: RunConfig, model_path: str, data: PreparedData, log_history: list[dict], run_dir: Path, precision: Precision
 ) -> dict:
     metrics = last_values(log_history)
-    stats = {k: v for k, v in data.stats.items() if k != "lengths"}
+    stats = {k: v for k, v in data.stats.items() if k != "length_histogram"}
     return {
         "base_model": {"id": config.model.path, "fingerprint": fingerprint_model_folder(model_path)},
         "dataset": {

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+import resource
+import sys
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
@@ -65,6 +68,9 @@ def hf_arguments(config: RunConfig, output_dir: str) -> dict[str, Any]:
         fp16=train.mixed_precision == "fp16",
         neftune_noise_alpha=train.neftune_alpha,
         prediction_loss_only=True,  # evaluation keeps losses only, not every batch's logits
+        # The collators pick the columns they need; HF's column filter would drop num_tokens,
+        # with which RowCollator cuts a packed batch's unused padding.
+        remove_unused_columns=False,
         use_cpu=not config.scale.use_gpu,
         report_to=[],
         disable_tqdm=True,
@@ -142,6 +148,26 @@ class PerplexityLogging:
         super().log(logs, *args, **kwargs)
 
 
+class PeakMemoryLogging:
+    """Trainer mixin: the training summary (HF's last log, the one with train_runtime) carries this
+    worker's peak resident memory, and on a GPU the most memory allocated there, so the registry
+    manifest says what a run needed."""
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "train_runtime" in logs:
+            logs = {**logs, **peak_memory_gib()}
+        super().log(logs, *args, **kwargs)
+
+
+def peak_memory_gib() -> dict[str, float]:
+    # ru_maxrss: KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = {"peak_rss_gib": rss / 2**30}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return peak
+
+
 class LabelledPositionsLoss:
     """Trainer mixin: the SFT / pre-training loss from the LM head at labelled positions only, in
     chunks (train/loss.py), when `labelled_head` is set; the model's own loss otherwise."""
@@ -160,7 +186,7 @@ class LabelledPositionsLoss:
         return (loss, outputs) if return_outputs else loss
 
 
-class FinchTrainer(PerplexityLogging, LayerwiseLrDecay, LabelledPositionsLoss, Trainer):
+class FinchTrainer(PerplexityLogging, PeakMemoryLogging, LayerwiseLrDecay, LabelledPositionsLoss, Trainer):
     pass
 
 

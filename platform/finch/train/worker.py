@@ -19,31 +19,17 @@ from typing import Any
 
 import ray.train
 import torch
-from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from transformers.utils.logging import disable_progress_bar
 
 from finch.config import RunConfig, validate_config
 from finch.data.pipeline import load_tokenizer
 from finch.models.loading import load_trainable_model
+from finch.train.rows import RowStore, node_rows, rows_root
 from finch.train.trainers import build_trainer
 
 FINAL_CHECKPOINT = "final"
 LOG_HISTORY_FILE = "log_history.json"
-
-
-class Rows(Dataset):
-    """A worker's rows in memory: a map-style dataset, so HF Trainer shards it across ranks
-    with its DistributedSampler and knows the epoch length for schedules and resume."""
-
-    def __init__(self, shard: Any):
-        self.rows = list(shard.iter_rows()) if shard is not None else []
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.rows[index]
 
 
 class RayReportCallback(TrainerCallback):
@@ -92,8 +78,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     disable_progress_bar()
     torch.set_num_threads(torch_threads(config))
     tokenizer = load_tokenizer(payload["model_path"], config.model.trust_remote_code)
-    train_rows = Rows(ray.train.get_dataset_shard("train"))
-    eval_rows = Rows(ray.train.get_dataset_shard("eval")) if config.has_eval else None
+    train_rows = worker_rows("train", **payload["rows"])
+    eval_rows = worker_rows("eval", **payload["rows"]) if config.has_eval else None
 
     set_seed(config.train.seed)  # LoRA init (and dropout) must not depend on what ran before in this process
     model = load_trainable_model(config, payload["model_path"])
@@ -104,7 +90,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         trainer.remove_callback(PrinterCallback)  # the driver shows progress instead
         trainer.train(resume_from_checkpoint=resume_from)
         evaluate_final_weights(trainer)
-        report_final(trainer, tokenizer)
+        report_final(trainer, tokenizer)  # a barrier: after it no worker reads rows
+    if ray.train.get_context().get_local_rank() == 0:
+        shutil.rmtree(rows_root() / payload["rows"]["folder"], ignore_errors=True)
+
+
+def worker_rows(split: str, folder: str, key: str) -> RowStore:
+    """This run's rows of one split, on the node's disk (train/rows.py)."""
+    return node_rows(ray.train.get_dataset_shard(split), rows_root() / folder / split, key)
 
 
 @contextlib.contextmanager

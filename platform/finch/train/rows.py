@@ -1,0 +1,144 @@
+"""A training worker's rows on local disk, read one row at a time.
+
+Ray Data hands every worker all rows (train/run.py: HF Trainer's sampler shards them by index,
+which is what keeps resume exact). Held as Python lists they cost ~83 bytes per token in every
+worker, so memory grew with the dataset. Here the first worker of a node streams its shard from
+Ray's object store into one flat int32 file per list column plus the row offsets; every worker of
+the node then reads a row with `pread` when the sampler asks for it.
+
+`pread` and not a memory map: read pages stay in the page cache, shared by the node's workers and
+dropped under memory pressure, and never count toward a worker's resident memory, which stays
+flat however large the dataset is. Not HF `datasets` either (Arrow, memory-mapped) for the same
+reason; DPO still converts to it, because TRL accepts nothing else (train/dpo.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from torch.utils.data import Dataset
+
+VALUE_TYPE = np.int32  # token ids, labels (-100) and positions
+COLUMNS_FILE = "columns.json"  # written last: a folder without it is incomplete
+WRITE_BATCH_ROWS = 256
+
+
+def rows_root() -> Path:
+    """Where a node keeps the rows of its running trainings (one folder per run)."""
+    return Path(tempfile.gettempdir()) / "finch-rows"
+
+
+def run_rows_name(run_name: str, run_dir: Path) -> str:
+    """A run's folder under rows_root(): its name and a digest of its run folder, so that runs of
+    one name from different output folders (two users of one cluster) never share rows."""
+    return f"{run_name}-{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
+
+
+class RowStore(Dataset):
+    """Map-style dataset over a folder written by `write_rows`: a row is a dict of int32 numpy
+    arrays (list columns) and Python ints (scalar columns)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        layout = json.loads((self.folder / COLUMNS_FILE).read_text())
+        self.key = layout["key"]
+        self.offsets = {name: np.load(self.folder / f"{name}.offsets.npy") for name in layout["lists"]}
+        self.scalars = {name: np.load(self.folder / f"{name}.npy") for name in layout["scalars"]}
+        self.length = layout["rows"]
+        self._descriptors: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -self.length <= index < self.length:
+            raise IndexError(f"row {index} of {self.length}")
+        index %= self.length
+        row: dict[str, Any] = {name: self._read(name, index) for name in self.offsets}
+        row.update({name: values[index].item() for name, values in self.scalars.items()})
+        return row
+
+    def _read(self, column: str, index: int) -> np.ndarray:
+        start, end = self.offsets[column][index : index + 2]
+        if column not in self._descriptors:
+            self._descriptors[column] = os.open(self.folder / f"{column}.bin", os.O_RDONLY)
+        size = np.dtype(VALUE_TYPE).itemsize
+        return np.frombuffer(os.pread(self._descriptors[column], int(end - start) * size, int(start) * size), VALUE_TYPE)
+
+    def close(self) -> None:
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # descriptors do not travel between processes
+        return {**self.__dict__, "_descriptors": {}}
+
+
+def write_rows(batches: Iterable[pa.Table], folder: Path, key: str) -> RowStore:
+    """Write Arrow batches of rows into `folder` (list columns as flat values plus offsets, other
+    columns as one array each); `key` names the data, so a later reader can tell it is current."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lengths: dict[str, list[np.ndarray]] = {}
+    scalars: dict[str, list[np.ndarray]] = {}
+    with contextlib.ExitStack() as files:
+        values: dict[str, Any] = {}
+        for batch in batches:
+            for name in batch.column_names:
+                column = batch.column(name)
+                if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
+                    scalars.setdefault(name, []).append(column.to_numpy())
+                    continue
+                if name not in values:
+                    values[name] = files.enter_context(open(folder / f"{name}.bin", "wb"))
+                for chunk in column.chunks:
+                    # safe cast: an id that does not fit int32 raises instead of wrapping around
+                    pc.cast(chunk.flatten(), pa.int32()).to_numpy().tofile(values[name])
+                    lengths.setdefault(name, []).append(chunk.value_lengths().to_numpy())
+    counts = {len(np.concatenate(parts)) for parts in [*lengths.values(), *scalars.values()]}
+    if len(counts) > 1:
+        raise ValueError(f"columns of different lengths in {folder}: {counts}")
+    for name, parts in lengths.items():
+        np.save(folder / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(np.concatenate(parts))]).astype(np.int64))
+    for name, parts in scalars.items():
+        np.save(folder / f"{name}.npy", np.concatenate(parts))
+    layout = {"key": key, "rows": counts.pop() if counts else 0, "lists": sorted(lengths), "scalars": sorted(scalars)}
+    (folder / COLUMNS_FILE).write_text(json.dumps(layout))
+    return RowStore(folder)
+
+
+def node_rows(shard: Any, folder: Path, key: str) -> RowStore:
+    """The rows of a Ray Data shard in `folder`, written by the first of the node's workers to
+    take the folder's lock; the others wait for it and read the same files. A folder left by an
+    earlier run (another key) or by a writer that died (no columns file) is written anew."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        if current_key(folder) == key:
+            return RowStore(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        return write_rows(shard.iter_batches(batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow"), folder, key)
+
+
+def current_key(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / COLUMNS_FILE).read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def iterate(rows: RowStore) -> Iterator[dict[str, Any]]:
+    """Every row as a dict of Python lists and ints (what HF `datasets` builds a table from)."""
+    for index in range(len(rows)):
+        yield {name: value.tolist() if isinstance(value, np.ndarray) else value for name, value in rows[index].items()}
