@@ -32,23 +32,25 @@ def preference_table(seed: int, count: int = 30) -> pa.Table:
 
 
 class Shard:
-    """What a worker's Ray Data shard offers node_rows, counting how often it is read."""
+    """Batches of rows as a Ray Data shard yields them, counting how often they are written out."""
 
     def __init__(self, tables: list[pa.Table]):
-        self.tables, self.reads = tables, 0
+        self.tables, self.writes = tables, 0
 
-    def iter_batches(self, batch_size: int, batch_format: str):
-        assert batch_format == "pyarrow"
-        self.reads += 1
+    def iter_batches(self, batch_size: int):
         for table in self.tables:
             yield from (table.slice(start, batch_size) for start in range(0, len(table), batch_size))
+
+    def write(self, folder, key):
+        self.writes += 1
+        write_rows(self.iter_batches(16), folder, key)
 
 
 @pytest.mark.parametrize("make_table", [packed_table, preference_table])
 def test_rows_read_back_equal_to_what_was_written(tmp_path, make_table):
     tables = [make_table(seed) for seed in range(3)]  # several batches, sliced (non-zero offsets)
     expected = pa.concat_tables(tables).to_pylist()
-    rows = write_rows(Shard(tables).iter_batches(7, "pyarrow"), tmp_path / "rows", key="k")
+    rows = write_rows(Shard(tables).iter_batches(7), tmp_path / "rows", key="k")
     assert len(rows) == len(expected)
     assert list(iterate(rows)) == expected
     column = next(iter(expected[-1]))
@@ -68,18 +70,18 @@ def test_token_ids_beyond_int32_are_refused_not_wrapped(tmp_path):
 def test_a_nodes_workers_share_one_copy_and_a_new_run_rewrites_it(tmp_path):
     folder = tmp_path / "run" / "train"
     first, second, later = Shard([packed_table(0)]), Shard([packed_table(0)]), Shard([packed_table(1)])
-    assert len(node_rows(first, folder, "fit-1")) == len(packed_table(0)) and first.reads == 1
-    assert len(node_rows(second, folder, "fit-1")) == len(packed_table(0)) and second.reads == 0  # reused
-    node_rows(later, folder, "fit-2")
-    assert later.reads == 1 and list(iterate(RowStore(folder))) == packed_table(1).to_pylist()
+    assert len(node_rows(folder, "fit-1", first.write)) == len(packed_table(0)) and first.writes == 1
+    assert len(node_rows(folder, "fit-1", second.write)) == len(packed_table(0)) and second.writes == 0  # reused
+    node_rows(folder, "fit-2", later.write)
+    assert later.writes == 1 and list(iterate(RowStore(folder))) == packed_table(1).to_pylist()
 
 
 def test_a_folder_whose_writer_died_is_written_again(tmp_path):
     folder = tmp_path / "run" / "train"
-    node_rows(Shard([packed_table(0)]), folder, "fit-1")
+    node_rows(folder, "fit-1", Shard([packed_table(0)]).write)
     (folder / COLUMNS_FILE).unlink()  # the writer died before its last file
     again = Shard([packed_table(0)])
-    assert list(iterate(node_rows(again, folder, "fit-1"))) == packed_table(0).to_pylist() and again.reads == 1
+    assert list(iterate(node_rows(folder, "fit-1", again.write))) == packed_table(0).to_pylist() and again.writes == 1
 
 
 def test_collated_batches_from_stored_rows_equal_those_from_lists(tmp_path):

@@ -2,9 +2,13 @@
 
 Ray Data hands every worker all rows (train/run.py: HF Trainer's sampler shards them by index,
 which is what keeps resume exact). Held as Python lists they cost ~83 bytes per token in every
-worker, so memory grew with the dataset. Here the first worker of a node streams its shard from
-Ray's object store into one flat int32 file per list column plus the row offsets; every worker of
-the node then reads a row with `pread` when the sampler asks for it.
+worker, so memory grew with the dataset. Here the first worker of a node has its shard streamed
+from Ray's object store into one flat int32 file per list column plus the row offsets; every
+worker of the node then reads a row with `pread` when the sampler asks for it.
+
+The copy runs in a Ray task of its own on the node, not in the training worker: reading the
+object store maps its shared-memory pages into the reader, where they count as resident memory
+for as long as the process lives, and the training worker would carry every block it had read.
 
 `pread` and not a memory map: read pages stay in the page cache, shared by the node's workers and
 dropped under memory pressure, and never count toward a worker's resident memory, which stays
@@ -21,14 +25,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from torch.utils.data import Dataset
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 VALUE_TYPE = np.int32  # token ids, labels (-100) and positions
 COLUMNS_FILE = "columns.json"  # written last: a folder without it is incomplete
@@ -46,9 +51,10 @@ def run_rows_name(run_name: str, run_dir: Path) -> str:
     return f"{run_name}-{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
 
 
-class RowStore(Dataset):
-    """Map-style dataset over a folder written by `write_rows`: a row is a dict of int32 numpy
-    arrays (list columns) and Python ints (scalar columns)."""
+class RowStore:
+    """Map-style dataset (what torch's DataLoader indexes) over a folder written by `write_rows`: a
+    row is a dict of int32 numpy arrays (list columns) and Python ints (scalar columns). No torch
+    import: the task that writes the rows loads this module and needs none."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -118,17 +124,29 @@ def write_rows(batches: Iterable[pa.Table], folder: Path, key: str) -> RowStore:
     return RowStore(folder)
 
 
-def node_rows(shard: Any, folder: Path, key: str) -> RowStore:
-    """The rows of a Ray Data shard in `folder`, written by the first of the node's workers to
-    take the folder's lock; the others wait for it and read the same files. A folder left by an
-    earlier run (another key) or by a writer that died (no columns file) is written anew."""
+def node_rows(folder: Path, key: str, write: Callable[[Path, str], Any]) -> RowStore:
+    """The rows in `folder`, written there by `write(folder, key)` for the first of the node's
+    workers to take the folder's lock; the others wait for it and read the same files. A folder
+    left by an earlier run (another key) or by a writer that died (no columns file) is written anew."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
-        if current_key(folder) == key:
-            return RowStore(folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        return write_rows(shard.iter_batches(batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow"), folder, key)
+        if current_key(folder) != key:
+            shutil.rmtree(folder, ignore_errors=True)
+            write(folder, key)
+        return RowStore(folder)
+
+
+def write_shard_on_this_node(shard: Any, folder: Path, key: str) -> None:
+    """Write a Ray Data shard's rows into `folder` from a task on this node (see the module's docstring).
+    The task takes no CPU: the training workers may hold every one (a 2-core machine)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ray.get(_write_shard.options(scheduling_strategy=here).remote(shard, str(folder), key))
+
+
+@ray.remote(num_cpus=0)
+def _write_shard(shard: Any, folder: str, key: str) -> None:
+    write_rows(shard.iter_batches(batch_size=WRITE_BATCH_ROWS, batch_format="pyarrow"), Path(folder), key)
 
 
 def current_key(folder: Path) -> str | None:

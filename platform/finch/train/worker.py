@@ -8,6 +8,7 @@ This module is the Ray glue: rows in, metrics and checkpoints out, restore after
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from transformers.utils.logging import disable_progress_bar
 from finch.config import RunConfig, validate_config
 from finch.data.pipeline import load_tokenizer
 from finch.models.loading import load_trainable_model
-from finch.train.rows import RowStore, node_rows, rows_root
+from finch.train.rows import RowStore, node_rows, rows_root, write_shard_on_this_node
 from finch.train.trainers import build_trainer
 
 FINAL_CHECKPOINT = "final"
@@ -97,7 +98,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
 def worker_rows(split: str, folder: str, key: str) -> RowStore:
     """This run's rows of one split, on the node's disk (train/rows.py)."""
-    return node_rows(ray.train.get_dataset_shard(split), rows_root() / folder / split, key)
+    write = functools.partial(write_shard_on_this_node, ray.train.get_dataset_shard(split))
+    return node_rows(rows_root() / folder / split, key, write)
 
 
 @contextlib.contextmanager
