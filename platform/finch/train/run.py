@@ -21,7 +21,7 @@ from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish
 from finch.runtime import OutputFolderError, init_ray
 from finch.train.plots import plot_loss
 from finch.train.progress import TrainingProgress
-from finch.train.rows import run_rows_name
+from finch.train.rows import rows_root, run_rows_name
 from finch.train.tracking import MlflowTracker, flatten
 from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, last_values, train_loop_per_worker
 
@@ -62,6 +62,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
     init_ray()
     data = prepare_datasets(config.data, model_path, config.train.objective)
     print_data_stats(data)
+    check_space_for_rows(data)
     tracker = MlflowTracker(config, resume) if config.tracking.mlflow else None
     progress = TrainingProgress(config.name, console, [tracker] if tracker else [])
     try:
@@ -125,6 +126,19 @@ def check_free_space(config: RunConfig, model_path: str) -> None:
         raise OutputFolderError(
             f"{config.run_dir} has {free / 2**20:,.0f} MiB free; this run's checkpoints ({parameters:,} trained "
             f"parameters, {CHECKPOINTS_KEPT} kept) need about {needed / 2**20:,.0f} MiB: free space or set output_dir"
+        )
+
+
+def check_space_for_rows(data: PreparedData) -> None:
+    """Fail before training when this machine's temp folder cannot hold the rows that the workers
+    copy there (train/rows.py): about half their size in Ray's object store (int64 there, int32 on disk)."""
+    needed = sum(rows.size_bytes() for rows in (data.train, data.eval) if rows is not None) // 2
+    folder = rows_root().parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputFolderError(
+            f"{folder} has {free / 2**20:,.0f} MiB free; the training rows need about {needed / 2**20:,.0f} MiB "
+            "there on every node (train/rows.py): free space or point TMPDIR at a larger disk"
         )
 
 
