@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -88,6 +87,7 @@ def measure(variant: str, batch_name: str, steps: int, dtype: str) -> dict[str, 
     from finch.models.gemma_gguf import ensure_gemma3_270m
     from finch.models.loading import apply_lora, load_base_model
     from finch.train.loss import LabelledHead
+    from finch.train.trainers import peak_memory_gib
 
     folder = str(ensure_gemma3_270m())
     batch = make_batch(batch_name, folder)
@@ -109,7 +109,7 @@ def measure(variant: str, batch_name: str, steps: int, dtype: str) -> dict[str, 
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
-    return {"seconds": sum(times[1:]) / steps, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    return {"seconds": sum(times[1:]) / steps, "peak_gib": peak_memory_gib()["peak_rss_gib"],
             "labelled": int((batch["labels"][:, 1:] != -100).sum()), "tokens": batch["input_ids"].numel()}
 
 

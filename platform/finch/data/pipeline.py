@@ -199,12 +199,13 @@ def example_stats(examples: ray.data.Dataset, max_length: int) -> dict[str, Any]
         totals = {key: total + int(summary[key]) for key, total in totals.items()}
     lengths = np.flatnonzero(histogram)
     examples_count = int(histogram.sum())
+    tokens = int(histogram @ np.arange(len(histogram)))
     return {
         "examples": examples_count,
-        "tokens": int(histogram @ np.arange(len(histogram))),
+        "tokens": tokens,
         **totals,
         "length_min": int(lengths.min()),
-        "length_mean": float(histogram @ np.arange(len(histogram)) / examples_count),
+        "length_mean": tokens / examples_count,
         "length_p50": histogram_quantile(histogram, 0.5),
         "length_p95": histogram_quantile(histogram, 0.95),
         "length_max": int(lengths.max()),

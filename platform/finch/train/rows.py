@@ -59,7 +59,6 @@ class RowStore:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         layout = json.loads((self.folder / COLUMNS_FILE).read_text())
-        self.key = layout["key"]
         self.offsets = {name: np.load(self.folder / f"{name}.offsets.npy") for name in layout["lists"]}
         self.scalars = {name: np.load(self.folder / f"{name}.npy") for name in layout["scalars"]}
         self.length = layout["rows"]
@@ -82,11 +81,6 @@ class RowStore:
             self._descriptors[column] = os.open(self.folder / f"{column}.bin", os.O_RDONLY)
         size = np.dtype(VALUE_TYPE).itemsize
         return np.frombuffer(os.pread(self._descriptors[column], int(end - start) * size, int(start) * size), VALUE_TYPE)
-
-    def close(self) -> None:
-        for descriptor in self._descriptors.values():
-            os.close(descriptor)
-        self._descriptors = {}
 
     def __getstate__(self) -> dict[str, Any]:  # descriptors do not travel between processes
         return {**self.__dict__, "_descriptors": {}}
