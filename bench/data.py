@@ -39,13 +39,13 @@ from pathlib import Path
 import pandas as pd
 import ray
 
-from finch.config import DataConfig
+from finch.config import DataConfig, ModelConfig
 from finch.data.packing import pack_examples
 from finch.data.pipeline import load_tokenizer, prepare_datasets, tokenize_batch
 from finch.data.readers import iter_records
 from finch.data.templates import resolve_template
 from finch.models.gemma_gguf import GEMMA3_270M_URI
-from finch.models.loading import resolve_model_path
+from finch.models.source import ModelSource, resolve_model_source
 from finch.runtime import init_ray
 from machine import command_line, load_average, machine_description
 
@@ -85,16 +85,16 @@ def repeated_copies(files: list[Path], repeat: int, folder: Path) -> list[str]:
     return copies
 
 
-def finch_run(files: list[str], max_length: int, tokenizer_path: str) -> tuple[Run, float]:
+def finch_run(files: list[str], max_length: int, model: ModelSource) -> tuple[Run, float]:
     """The run and its packing efficiency."""
     started = time.perf_counter()
-    stats = prepare_datasets(DataConfig(train_files=files, max_length=max_length), tokenizer_path).stats
+    stats = prepare_datasets(DataConfig(train_files=files, max_length=max_length), model).stats
     seconds = time.perf_counter() - started
     tokens = round(stats["packing_efficiency"] * stats["rows"] * max_length)  # the tokens of the kept examples
     return Run(seconds, tokens, stats["rows"]), stats["packing_efficiency"]
 
 
-def datasets_run(files: list[str], max_length: int, tokenizer_path: str) -> tuple[Run, list[int]]:
+def datasets_run(files: list[str], max_length: int, model: ModelSource) -> tuple[Run, list[int]]:
     """The same work as finch_run's, executed by `datasets` in this process; the run and the
     lengths of the examples kept."""
     from datasets import Dataset, disable_progress_bars
@@ -102,14 +102,14 @@ def datasets_run(files: list[str], max_length: int, tokenizer_path: str) -> tupl
     disable_progress_bars()
     data = DataConfig(train_files=files, max_length=max_length)
     started = time.perf_counter()
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(model.folder)
     template = resolve_template(data.template, tokenizer)
     records = [{"source": source, "record": json.dumps(record, default=str)} for path in files
                for source, record in iter_records(path)]
 
     def tokenize(batch: dict) -> dict:
         rows = pd.DataFrame({"source": batch["source"], "record": batch["record"]})
-        frame = tokenize_batch(rows, data, tokenizer_path, template, "sft")
+        frame = tokenize_batch(rows, data, model, template, "sft")
         return frame.to_dict("list")
 
     def pack(batch: dict) -> dict:
@@ -146,14 +146,14 @@ def throughput_table(finch_cold: Run, finch_warm: Run, baseline: Run, ray_start:
     return "\n".join(rows)
 
 
-def packing_table(files: list[Path], tokenizer_path: str, batch_size: int) -> str:
+def packing_table(files: list[Path], model: ModelSource, batch_size: int) -> str:
     rows = [f"| set | examples | max_length | finch packing | bound | pad to longest (batch {batch_size}) | pad to max_length |",
             "|---|---|---|---|---|---|---|"]
     totals: dict[int, list[float]] = {length: [0, 0, 0, 0] for length in MAX_LENGTHS}  # tokens, packed/longest/max slots
     for path in files:
         for max_length in MAX_LENGTHS:
-            finch, packed = finch_run([str(path)], max_length, tokenizer_path)
-            _, lengths = datasets_run([str(path)], max_length, tokenizer_path)
+            finch, packed = finch_run([str(path)], max_length, model)
+            _, lengths = datasets_run([str(path)], max_length, model)
             check_same_tokens(finch, sum(lengths))
             longest = padded_efficiency(lengths, batch_size)
             to_max = sum(lengths) / (len(lengths) * max_length)
@@ -181,7 +181,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     files = sft_files()
-    tokenizer_path = resolve_model_path(args.model)
+    model = resolve_model_source(ModelConfig(path=args.model))
     print(f"machine: {machine_description(('ray', 'datasets', 'transformers', 'tokenizers'))}; load average {load_average()}")
     print(f"command: {command_line()}", flush=True)
     started = time.perf_counter()
@@ -189,12 +189,12 @@ def main() -> None:
     ray_start = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="finch-bench-data-") as folder:
         copies = repeated_copies(files, args.repeat, Path(folder))
-        baseline, _ = datasets_run(copies, args.throughput_length, tokenizer_path)
-        finch_cold, _ = finch_run(copies, args.throughput_length, tokenizer_path)
-        finch_warm, _ = finch_run(copies, args.throughput_length, tokenizer_path)
+        baseline, _ = datasets_run(copies, args.throughput_length, model)
+        finch_cold, _ = finch_run(copies, args.throughput_length, model)
+        finch_warm, _ = finch_run(copies, args.throughput_length, model)
     for run in (finch_cold, finch_warm):
         check_same_tokens(run, baseline.tokens)
-    packing = packing_table(files, tokenizer_path, args.batch_size)
+    packing = packing_table(files, model, args.batch_size)
     ray.shutdown()
     print(f"\nDate: {date.today().isoformat()}. Tokenizer: {args.model}. Throughput: the four sets x {args.repeat}, "
           f"max_length {args.throughput_length}, packed.\n")

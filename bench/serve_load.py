@@ -41,7 +41,7 @@ import torch
 
 from finch.config import ServeConfig, validate_config
 from finch.models.gemma_gguf import GEMMA3_270M_URI
-from finch.models.loading import resolve_model_path
+from finch.models.source import resolve_model_path
 from finch.precision import detect_device, inference_dtype
 from machine import command_line, load_average, machine_description
 from serve_multilora import build_adapters, publish_adapters

@@ -49,7 +49,7 @@ import torch
 from finch.config import EngineConfig
 from finch.fingerprint import fingerprint_model_folder
 from finch.models.gemma_gguf import GEMMA3_270M_URI
-from finch.models.loading import resolve_model_path
+from finch.models.source import resolve_model_path
 from finch.precision import detect_device, inference_dtype
 from finch.registry.store import publish
 from finch.serve.engine import ServingEngine

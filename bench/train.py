@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -48,9 +47,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-from finch.config import dump_config, validate_config
+from finch.config import validate_config
 from finch.models.gemma_gguf import GEMMA3_270M_URI
-from finch.models.loading import resolve_model_path
+from finch.models.source import resolve_model_path
 from finch.registry.store import resolve_adapter
 from machine import command_line, load_average, machine_description
 

@@ -101,6 +101,26 @@ def make_adapter(model_dir: Path, folder: Path, seed: int, r: int = 8, b_std: fl
     return folder
 
 
+def model_source(folder: Path):
+    """The base model as finch's driver hands it to Ray processes (finch.models.source)."""
+    from finch.config import ModelConfig
+    from finch.models.source import resolve_model_source
+
+    return resolve_model_source(ModelConfig(path=str(folder)))
+
+
+def place_in_hub_cache(folder: Path, cache: Path, repo_id: str, commit: str = "0" * 39 + "1") -> str:
+    """Lay a model folder out as `huggingface_hub` caches a download of `repo_id` at `commit` (its
+    refs/main and snapshots/<commit>), so offline code resolves the hub id from `cache`."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
 @pytest.fixture(scope="session")
 def tiny_spm_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama with Mistral's SentencePiece tokenizer (32k vocab), the kind of

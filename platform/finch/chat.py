@@ -19,7 +19,8 @@ from rich.table import Table
 from finch.config import validate_config
 from finch.data.pipeline import load_tokenizer
 from finch.data.tokenization import prompt_token_ids
-from finch.models.loading import load_base_model, trained_base_folder
+from finch.models.loading import load_base_model
+from finch.models.source import trained_base_folder
 from finch.precision import detect_device, inference_dtype
 from finch.registry.store import AdapterEntry, resolve_adapter
 

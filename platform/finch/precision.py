@@ -59,6 +59,7 @@ class Device:
     native_bf16: bool
     evidence: str  # flags, capability and measured speeds, for the log line
     speed_vs_fp32: dict[str, float] | None = None  # CPU probe: bfloat16/float16 matmul speed over float32's
+    memory_gib: float | None = None  # a GPU's memory
 
     def slowdown(self, dtype: str) -> float | None:
         """How many times slower than fp32 a matmul in `dtype` ran here (CPU probe), if it was slower."""
@@ -172,6 +173,7 @@ def cuda_device() -> Device:
         name=torch.cuda.get_device_name(),
         native_bf16=native,
         evidence=f"compute capability {major}.{minor} ({'bf16 native' if native else 'no native bf16: below 8.0'})",
+        memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
     )
 
 
@@ -268,12 +270,13 @@ def measure_matmul_speeds() -> dict[str, float]:
     return {dtype: seconds["float32"] / seconds[dtype] for dtype in ("bfloat16", "float16")}
 
 
-def device_of_workers(use_gpu: bool) -> Device:
-    """The device training workers or serving replicas get: a GPU is probed where Ray places a
-    GPU task (on a cluster, a GPU node rather than the CPU head the driver runs on); the CPU is
-    this machine's."""
+def device_of_workers(use_gpu: bool, accelerator_type: str | None = None) -> Device:
+    """The device training workers or serving replicas get: a GPU (of `accelerator_type` when
+    given) is probed where Ray places a GPU task (on a cluster, a GPU node rather than the CPU head
+    the driver runs on); the CPU is this machine's."""
     if not use_gpu:
         return cpu_device()
     import ray
 
-    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(cuda_device).remote())
+    probe = ray.remote(num_gpus=1, num_cpus=0, accelerator_type=accelerator_type)(cuda_device)
+    return ray.get(probe.remote())

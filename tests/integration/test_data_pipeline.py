@@ -9,7 +9,7 @@ import pytest
 from finch.config import DataConfig
 from finch.data.pipeline import prepare_datasets
 from finch.data.readers import DatasetError, iter_records
-from tests.conftest import shared_file, write_jsonl
+from tests.conftest import model_source, shared_file, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ SHARED_SFT = [
 
 def test_every_format_packs_densely(ray_local, tiny_model_dir):
     files = [str(shared_file(name)) for name in SHARED_SFT]
-    prepared = prepare_datasets(DataConfig(train_files=files, max_length=256), str(tiny_model_dir))
+    prepared = prepare_datasets(DataConfig(train_files=files, max_length=256), model_source(tiny_model_dir))
     stats = prepared.stats
     assert prepared.template == "chat"
     rows_in_files = sum(1 for path in files for _ in iter_records(path))
@@ -36,7 +36,7 @@ def test_every_format_packs_densely(ray_local, tiny_model_dir):
     row = prepared.train.take(1)[0]
     assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == 256
     # the same rows in the same order every time: a resumed run skips the batches it already trained on
-    again = prepare_datasets(DataConfig(train_files=files, max_length=256), str(tiny_model_dir))
+    again = prepare_datasets(DataConfig(train_files=files, max_length=256), model_source(tiny_model_dir))
     assert rows_of(again.train) == rows_of(prepared.train)
 
 
@@ -46,7 +46,7 @@ def rows_of(dataset) -> list[list[int]]:
 
 def test_eval_fraction_holds_out_examples(ray_local, tiny_model_dir):
     files = [str(shared_file("sft/gsm8k_chat_train.jsonl"))]
-    prepared = prepare_datasets(DataConfig(train_files=files, eval_fraction=0.2, max_length=512), str(tiny_model_dir))
+    prepared = prepare_datasets(DataConfig(train_files=files, eval_fraction=0.2, max_length=512), model_source(tiny_model_dir))
     assert prepared.stats["eval_examples"] == 90
     assert prepared.stats["examples"] == 449
 
@@ -56,25 +56,25 @@ def test_bad_row_inside_ray_surfaces_as_dataset_error(ray_local, tiny_model_dir,
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + json.dumps({"messages": "oops"}) + "\n")
     with pytest.raises(DatasetError, match=rf"^{path}:3: field messages: expected a non-empty list of turns$"):
-        prepare_datasets(DataConfig(train_files=[str(path)]), str(tiny_model_dir))
+        prepare_datasets(DataConfig(train_files=[str(path)]), model_source(tiny_model_dir))
 
 
 def test_empty_and_missing_files_fail_clearly(ray_local, tiny_model_dir, tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(DatasetError, match="no examples in .*empty.jsonl"):
-        prepare_datasets(DataConfig(train_files=[str(empty)]), str(tiny_model_dir))
+        prepare_datasets(DataConfig(train_files=[str(empty)]), model_source(tiny_model_dir))
     with pytest.raises(DatasetError, match="dataset file not found"):
-        prepare_datasets(DataConfig(train_files=[str(tmp_path / "missing.jsonl")]), str(tiny_model_dir))
+        prepare_datasets(DataConfig(train_files=[str(tmp_path / "missing.jsonl")]), model_source(tiny_model_dir))
     with pytest.raises(DatasetError, match="unsupported file type '.xml'"):
         (tmp_path / "d.xml").write_text("<a/>")
-        prepare_datasets(DataConfig(train_files=[str(tmp_path / "d.xml")]), str(tiny_model_dir))
+        prepare_datasets(DataConfig(train_files=[str(tmp_path / "d.xml")]), model_source(tiny_model_dir))
 
 
 def test_answers_truncated_away_are_dropped_and_counted(ray_local, tiny_plain_model_dir, tmp_path):
     long_prompt = {"instruction": "word " * 200, "output": "answer"}
     short = {"instruction": "hi", "output": "hello"}
     path = write_jsonl(tmp_path / "d.jsonl", [long_prompt, short])
-    prepared = prepare_datasets(DataConfig(train_files=[str(path)], max_length=64), str(tiny_plain_model_dir))
+    prepared = prepare_datasets(DataConfig(train_files=[str(path)], max_length=64), model_source(tiny_plain_model_dir))
     assert prepared.stats["dropped_no_answer"] == 1
     assert prepared.stats["truncated"] == 1
 

@@ -4,8 +4,10 @@ accelerate 1.15 enables FSDP only on accelerator backends: on CPU/gloo it silent
 DDP. finch's config refuses FSDP without GPUs, and build_trainer refuses to go on when accelerate
 did not enable it; the tests set the strategy past the config check to check the second
 guard, then lift accelerate's restriction inside the test processes only (`allow_cpu_fsdp`) to run
-finch's real FSDP arguments end to end: weights sharded across the two ranks, the final save
-gathered into one loadable model, identical to what DDP trains.
+finch's real FSDP arguments end to end: rank 1 built without weights and given rank 0's (it would
+train from unwritten memory otherwise, not what DDP trains), weights
+sharded across the two ranks, the final save gathered into one loadable model, identical to what
+DDP trains.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def run_rank(rank: int, port: int, tmp: str, model_dir: str, strategy: str, patc
     )
     config.scale.strategy = strategy  # past the config's GPU check, which refuses FSDP on CPU
     torch.manual_seed(0)
-    model = load_trainable_model(config, model_dir)
+    model = load_trainable_model(config, model_dir, rank=rank)  # under FSDP rank 1 reads no weights
     try:
         trainer = build_trainer(config, model, make_tokenizer(), packed_rows(), None, f"{tmp}/hf-{strategy}")
     except RuntimeError as err:
@@ -71,7 +73,8 @@ def run_rank(rank: int, port: int, tmp: str, model_dir: str, strategy: str, patc
     weight = next(p for n, p in trainer.model_wrapped.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight"))
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     save_final(trainer, make_tokenizer(), f"{tmp}/final-{strategy}")
-    results.put((rank, type(weight).__name__, local.numel()))
+    # DDP keeps gradients in its buckets, not in a second copy (finch.train.trainers.DdpGradientsInBuckets)
+    results.put((rank, type(weight).__name__, local.numel(), getattr(trainer.model_wrapped, "gradient_as_bucket_view", None)))
 
 
 def launch(tmp_path, model_dir, strategy: str, patch: bool) -> list[tuple]:
@@ -90,18 +93,18 @@ def launch(tmp_path, model_dir, strategy: str, patch: bool) -> list[tuple]:
 
 def test_fsdp_is_refused_where_accelerate_would_fall_back_to_ddp(tmp_path, tiny_model_dir):
     outcomes = launch(tmp_path, tiny_model_dir, "fsdp", patch=False)
-    assert all(outcome[1] == "refused" and "FSDP needs GPUs" in outcome[2] for outcome in outcomes)
+    assert all(outcome[1] == "refused" and "FSDP needs GPUs" in outcome[2] for outcome in outcomes), outcomes
 
 
 def test_fsdp_shards_weights_and_saves_one_full_model(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     sharded = launch(tmp_path, tiny_model_dir, "fsdp", patch=True)
-    assert [kind for _, kind, _ in sharded] == ["DTensor", "DTensor"]
+    assert [kind for _, kind, _, _ in sharded] == ["DTensor", "DTensor"]
     full_numel = 64 * 64
-    assert [numel for _, _, numel in sharded] == [full_numel // 2, full_numel // 2]
+    assert [numel for _, _, numel, _ in sharded] == [full_numel // 2, full_numel // 2]
     replicated = launch(tmp_path, tiny_model_dir, "ddp", patch=False)
-    assert [numel for _, _, numel in replicated] == [full_numel, full_numel]
+    assert [(numel, in_buckets) for _, _, numel, in_buckets in replicated] == [(full_numel, True)] * 2
     fsdp_model = AutoModelForCausalLM.from_pretrained(tmp_path / "final-fsdp")
     ddp_model = AutoModelForCausalLM.from_pretrained(tmp_path / "final-ddp")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

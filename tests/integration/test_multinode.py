@@ -1,5 +1,7 @@
 """Two Ray nodes (`ray.cluster_utils.Cluster`): training workers on different nodes writing
-checkpoints to shared storage, then two serving replicas, one per node."""
+checkpoints to shared storage, then two serving replicas, one per node. The base model is a hub
+id and each node has its own Hugging Face cache, as on a real cluster: nothing may rely on the
+driver's local copy of the model."""
 
 from __future__ import annotations
 
@@ -14,22 +16,26 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, run_config_dict, write_jsonl
+from tests.conftest import free_port, place_in_hub_cache, run_config_dict, write_jsonl
 from tests.integration.test_train_e2e import FACTS
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
+HUB_ID = "finch-test/tiny-serving"
+HEAD_CACHE, NODE_CACHE = "hf-cache-head", "hf-cache-node"  # each node's HF_HUB_CACHE, under tmp_path
 
 
 def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_serving_model_dir):
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
-    run = run_config_dict(tmp_path, tiny_serving_model_dir, [str(data)], name="facts-2n",
+    for cache in HEAD_CACHE, NODE_CACHE:
+        place_in_hub_cache(tiny_serving_model_dir, tmp_path / cache, HUB_ID)
+    run = run_config_dict(tmp_path, tiny_serving_model_dir, [str(data)], name="facts-2n", model={"path": HUB_ID},
                           train={"max_steps": 4, "save_steps": 2, "lr": 5e-3},
                           lora={"target_modules": ["q_proj", "v_proj"]},
                           scale={"num_workers": 2, "cpus_per_worker": 1})
     run["tracking"] = {"mlflow": False}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
-    serve = {"name": "twonode", "model": {"path": str(tiny_serving_model_dir), "dtype": "float32"}, "template": "chat",
+    serve = {"name": "twonode", "model": {"path": HUB_ID, "dtype": "float32"}, "template": "chat",
              "registry_dir": str(tmp_path / "registry"),
              "engine": {"max_model_len": 128, "max_loras": 2, "max_lora_rank": 8},
              "server": {"port": free_port(), "num_replicas": 2, "cpus_per_replica": 1}}
@@ -52,6 +58,10 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
     assert len(set(seen["replica_nodes"])) == 2  # one serving replica per node...
     assert seen["statuses"] == [200] * 16 and len(seen["replicas_answering"]) == 2  # ...both serving the adapter
     assert len(set(seen["answers"])) == 1  # greedy: the same answer from either node
+    # The second node's training worker and replica found the model in that node's own cache.
+    node_cache = str(tmp_path / NODE_CACHE)
+    for actor in "RayTrainWorker", "ServeReplica":
+        assert any(actor in line and node_cache in line for line in result.stdout.splitlines()), actor
 
 
 
@@ -59,7 +69,9 @@ def run_two_node_cluster(tmp_path: Path) -> subprocess.CompletedProcess:
     # Ray's temp folder of its own (short: socket paths live under it), so the address record
     # the Cluster writes there never points later `ray.init()` calls at a cluster that is gone.
     ray_tmp = tempfile.mkdtemp(prefix="finch-ray-", dir="/tmp")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp,
+           "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / HEAD_CACHE),
+           "FINCH_TEST_NODE_HF_CACHE": str(tmp_path / NODE_CACHE)}
     try:
         return subprocess.run([sys.executable, "-m", "tests.integration.two_node_cluster", "run.yaml", "serve.yaml",
                                "seen.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

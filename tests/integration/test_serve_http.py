@@ -11,7 +11,7 @@ import pytest
 
 from finch.config import ServeConfig, validate_config
 from finch.data.tokenization import prompt_token_ids
-from tests.conftest import free_port, make_tokenizer
+from tests.conftest import free_port, make_tokenizer, model_source
 from tests.greedy import greedy_answers, load_reference
 from tests.integration.test_serve_engine import make_adapter, register
 
@@ -230,7 +230,7 @@ def tight_server(server, tiny_serving_model_dir):
         },
         schema=ServeConfig,
     )
-    serve.run(build_application(config, str(tiny_serving_model_dir)), name="tight", route_prefix="/tight")
+    serve.run(build_application(config, model_source(tiny_serving_model_dir)), name="tight", route_prefix="/tight")
     yield f"{url}/tight"
     serve.delete("tight")
 

@@ -47,7 +47,8 @@ def test_registry_entry_has_peft_files_and_a_complete_manifest(trained, tiny_pla
         "adapter_config.json", "adapter_model.safetensors", "finch_manifest.json", "loss.png",
     ]
     manifest = entry.manifest
-    assert manifest["base_model"] == {"id": str(tiny_plain_model_dir), "fingerprint": fingerprint_model_folder(tiny_plain_model_dir)}
+    assert manifest["base_model"] == {"id": str(tiny_plain_model_dir), "revision": None,  # a hub commit for hub ids
+                                      "fingerprint": fingerprint_model_folder(tiny_plain_model_dir)}
     assert manifest["dataset"]["fingerprint"].startswith("sha256:")
     assert manifest["dataset"]["stats"]["examples"] == len(FACTS)
     assert manifest["config"]["train"]["lr"] == 5e-3  # the override, resolved

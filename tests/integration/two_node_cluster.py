@@ -36,7 +36,9 @@ def main(run_config_path: str, serve_config_path: str, observations_path: str) -
         "num_cpus": 1, "include_dashboard": True, "dashboard_port": dashboard,
         "dashboard_agent_listen_port": head_agent, "metrics_export_port": head_metrics,
     })
-    cluster.add_node(num_cpus=1, metrics_export_port=node_metrics)
+    # The second node's processes see a Hugging Face cache of their own (the head's is the driver's).
+    cluster.add_node(num_cpus=1, metrics_export_port=node_metrics,
+                     env_vars={"HF_HUB_CACHE": os.environ["FINCH_TEST_NODE_HF_CACHE"]})
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address
     ray.init(address=cluster.address)

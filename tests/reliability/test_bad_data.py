@@ -12,6 +12,7 @@ from finch.config import DataConfig
 from finch.data.pipeline import prepare_datasets
 from finch.data.readers import DatasetError
 from finch.train.run import print_data_stats
+from tests.conftest import model_source
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ def mixed_file(tmp_path):
 
 
 def prepare(path, tiny_model_dir, **data):
-    return prepare_datasets(DataConfig(train_files=[str(path)], max_length=MAX_LENGTH, **data), str(tiny_model_dir))
+    return prepare_datasets(DataConfig(train_files=[str(path)], max_length=MAX_LENGTH, **data), model_source(tiny_model_dir))
 
 
 def test_error_mode_stops_at_the_first_bad_row(ray_local, tiny_model_dir, mixed_file):
@@ -84,6 +85,6 @@ def test_preference_pairs_skip_bad_and_overlong_rows(ray_local, tiny_model_dir, 
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = DataConfig(train_files=[str(path)], max_length=MAX_LENGTH, bad_rows="skip", overlong="skip")
-    prepared = prepare_datasets(data, str(tiny_model_dir), objective="dpo")
+    prepared = prepare_datasets(data, model_source(tiny_model_dir), objective="dpo")
     assert (prepared.stats["skipped_bad_rows"], prepared.stats["skipped_overlong"], prepared.stats["examples"]) == (1, 1, 2)
     assert prepared.train.count() == 2

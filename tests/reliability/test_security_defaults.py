@@ -13,7 +13,7 @@ from finch.config import ConfigError, ServeConfig, validate_config
 from finch.data.pipeline import load_tokenizer
 from finch.models.loading import load_trainable_model, trainable_parameter_count
 from finch.serve.engine import write_zero_adapter
-from tests.conftest import run_config_dict, write_jsonl
+from tests.conftest import model_source, run_config_dict, write_jsonl
 
 # Importing this module (what trust_remote_code=True would do) leaves a file behind.
 REMOTE_CODE = """
@@ -67,4 +67,4 @@ def test_the_server_binds_loopback_and_exposing_it_needs_an_api_key(monkeypatch,
     exposed = validate_config(base | {"server": {"host": "0.0.0.0"}}, schema=ServeConfig)
     monkeypatch.delenv("FINCH_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="FINCH_API_KEY"):
-        build_application(exposed, str(tiny_model_dir))
+        build_application(exposed, model_source(tiny_model_dir))

@@ -12,7 +12,7 @@ from finch.config import DataConfig
 from finch.data.pipeline import read_file_rows, tokenize_batch
 from finch.data.readers import DatasetError, iter_records
 from finch.data.tokenization import tokenize_preference, tokenize_sample
-from tests.conftest import make_tokenizer
+from tests.conftest import make_tokenizer, model_source
 
 GOOD = '{"instruction": "Q", "output": "A"}'
 GOOD_PAIR = '{"prompt": "Q", "chosen": "A", "rejected": "B"}'
@@ -63,7 +63,7 @@ def tokenize_lines(tmp_path, lines: list[str], tokenizer_dir: str, objective: st
     path.write_text("".join(line + "\n" for line in lines))
     config = DataConfig(train_files=[str(path)], **data)
     rows = pd.DataFrame(read_file_rows({"path": str(path)}))
-    return str(path), tokenize_batch(rows, config, tokenizer_dir, "chat", objective)
+    return str(path), tokenize_batch(rows, config, model_source(tokenizer_dir), "chat", objective)
 
 
 @pytest.mark.parametrize("line, problem", BAD_ROWS)

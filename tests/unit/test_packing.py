@@ -28,22 +28,27 @@ def test_packed_rows_restart_positions_and_pad_without_loss():
     assert rows["labels"][1] == [-100, 5] + [IGNORE_INDEX] * 6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32])
-def test_packed_forward_equals_separate_forwards(tiny_model_dir, dtype):
-    """No example attends to another in a packed row: logits and loss match unpacked runs."""
+@pytest.mark.parametrize("flatten", [False, True], ids=["rows", "flattened"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "flex_attention"])
+def test_packed_forward_equals_separate_forwards(tiny_model_dir, attention, flatten):
+    """No example attends to another in a packed batch, with every attention kernel that runs on a
+    CPU: as rows (transformers builds a block-diagonal mask from the position restarts) and
+    flattened into one row, the layout flash attention gets (its varlen path takes the sequence
+    boundaries from those restarts; run on a GPU by bench/gpu_check.py)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).eval()
-    model.config.use_cache = False
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+    model.eval().config.use_cache = False
     rng = random.Random(1)
     examples = [[rng.randrange(2000) for _ in range(n)] for n in (17, 9, 30, 5)]
-    rows = pack_examples(examples, examples, max_length=64, pad_id=0)
-    batch = RowCollator(pad_id=0)([{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))])
+    rows = pack_examples(examples, examples, max_length=40, pad_id=0)  # two rows
+    batch = RowCollator(pad_id=0, flatten=flatten)([{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))])
+    assert batch["input_ids"].shape[0] == (1 if flatten else 2)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         for example in examples:
             alone = model(input_ids=torch.tensor([example])).logits[0]
-            row, start = _locate(rows["input_ids"], example)
+            row, start = _locate(batch["input_ids"].tolist(), example)
             torch.testing.assert_close(packed[row, start : start + len(example)], alone, atol=1e-5, rtol=1e-4)
 
 
@@ -76,6 +81,10 @@ def test_packed_batches_drop_the_padding_no_row_needs():
     batch = RowCollator(pad_id=0)([{k: rows[k][i] for k in rows} for i in range(2)])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]  # cut to the fuller row
     assert batch["labels"][1, -1] == IGNORE_INDEX
+    flat = RowCollator(pad_id=0, flatten=True)([{k: rows[k][i] for k in rows} for i in range(2)])
+    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]  # no padding at all
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert flat["labels"].tolist() == [[IGNORE_INDEX, 2, 3, 4, 5, IGNORE_INDEX, 7, 8, 9]]
 
 
 def test_unpacked_rows_pad_to_longest_with_attention_mask():

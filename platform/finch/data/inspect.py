@@ -10,16 +10,16 @@ from rich.table import Table
 
 from finch.config import RunConfig
 from finch.data.pipeline import prepare_datasets
-from finch.models.loading import resolve_model_path
+from finch.models.source import resolve_model_source
 from finch.runtime import init_ray
 
 console = Console()
 
 
 def inspect_data(config: RunConfig, histogram: Path | None = None) -> dict[str, Any]:
-    model_path = resolve_model_path(config.model.path)
+    model = resolve_model_source(config.model)
     init_ray()
-    prepared = prepare_datasets(config.data, model_path, config.train.objective)
+    prepared = prepare_datasets(config.data, model, config.train.objective)
     stats = prepared.stats
     histogram = histogram or config.run_dir / "token_lengths.png"
     histogram.parent.mkdir(parents=True, exist_ok=True)

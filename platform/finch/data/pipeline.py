@@ -25,6 +25,7 @@ from finch.data.formats import kind_of, normalize
 from finch.data.packing import pack_examples
 from finch.data.readers import DatasetError, check_readable, iter_records
 from finch.data.templates import resolve_template
+from finch.models.source import ModelSource
 from finch.data.tokenization import (
     IGNORE_INDEX,
     PreferenceExample,
@@ -79,11 +80,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def prepare_datasets(data: DataConfig, tokenizer_path: str, objective: str = "sft") -> PreparedData:
-    template = resolve_template(data.template, load_tokenizer(tokenizer_path))
-    tokenize = functools.partial(
-        tokenize_files, data=data, tokenizer_path=tokenizer_path, template=template, objective=objective
-    )
+def prepare_datasets(data: DataConfig, model: ModelSource, objective: str = "sft") -> PreparedData:
+    """`model` brings the tokenizer: Ray Data's tasks find it on their own nodes."""
+    template = resolve_template(data.template, load_tokenizer(model.folder))
+    tokenize = functools.partial(tokenize_files, data=data, model=model, template=template, objective=objective)
     examples, skipped = tokenize(data.train_files)
     stats = example_stats(examples, data.max_length) | skipped
     examples = _with_answers(examples, data.train_files)
@@ -92,7 +92,7 @@ def prepare_datasets(data: DataConfig, tokenizer_path: str, objective: str = "sf
         eval_examples = _with_answers(tokenize(data.eval_files)[0], data.eval_files)
     elif data.eval_fraction:
         examples, eval_examples = hold_out(examples, data, by_document=objective == "pretrain")
-    pad_id = load_tokenizer(tokenizer_path).pad_token_id
+    pad_id = load_tokenizer(model.folder).pad_token_id
     train = to_rows(examples, data, pad_id, objective)
     stats.update(row_stats(train, data.max_length))
     if eval_examples is not None:
@@ -102,7 +102,7 @@ def prepare_datasets(data: DataConfig, tokenizer_path: str, objective: str = "sf
 
 
 def tokenize_files(
-    files: list[str], data: DataConfig, tokenizer_path: str, template: str, objective: str = "sft"
+    files: list[str], data: DataConfig, model: ModelSource, template: str, objective: str = "sft"
 ) -> tuple[ray.data.Dataset, dict[str, int]]:
     """The files' examples, and the counts of rows skipped (stats keys skipped_bad_rows, skipped_overlong)."""
     for path in files:
@@ -112,7 +112,7 @@ def tokenize_files(
     examples = records.map_batches(
         tokenize_batch,
         batch_format="pandas",
-        fn_kwargs={"data": data, "tokenizer_path": tokenizer_path, "template": template, "objective": objective},
+        fn_kwargs={"data": data, "model": model, "template": template, "objective": objective},
     )
     examples = raise_dataset_errors(examples.materialize)
     skipped = count_skipped(examples, files)
@@ -268,9 +268,9 @@ def read_file_rows(item: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def tokenize_batch(
-    batch: pd.DataFrame, data: DataConfig, tokenizer_path: str, template: str, objective: str
+    batch: pd.DataFrame, data: DataConfig, model: ModelSource, template: str, objective: str
 ) -> pd.DataFrame:
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(model.here())
     out: dict[str, list] = {column: [] for column in ROW_COLUMNS[objective] + STAT_COLUMNS}
     for source, record in zip(batch["source"], batch["record"]):
         try:

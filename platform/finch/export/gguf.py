@@ -23,10 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from finch.config import validate_config
 from finch.export.merged import export_merged
 from finch.models.gemma_gguf import is_gemma3_270m_conversion, packaged_gguf
-from finch.models.loading import resolve_model_path
+from finch.models.source import trained_base_folder
 from finch.registry.store import resolve_adapter
 from finch.runtime import cache_root
 
@@ -64,8 +63,7 @@ def export_gguf(
 
 def base_folder(registry_dir: str | Path, ref: str) -> str:
     """The local folder of the model `ref` was trained from."""
-    config = validate_config(resolve_adapter(registry_dir, ref).manifest["config"])
-    return resolve_model_path(config.model.path)
+    return trained_base_folder([resolve_adapter(registry_dir, ref)])
 
 
 def replace_tokenizer_metadata(converted: Path, tokenizer_source: Path, output: Path) -> Path:

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from finch.config import ConfigError, RunConfig, validate_config
-from finch.models.loading import load_base_model, trained_base_folder
+from finch.models.loading import load_base_model
+from finch.models.source import trained_base_folder
 from finch.registry.store import AdapterEntry, resolve_adapter
 
 EXPORT_MANIFEST = "finch_export.json"
@@ -90,6 +91,8 @@ def merged_model(entry: AdapterEntry, config: RunConfig) -> tuple[Any, str]:
 
     # A registry manifest is data, not a trust decision: never run model code because of it.
     # Loaded in the dtype it trained in: PEFT merges in fp32 on the CPU, so no slow 16-bit matmuls here.
+    # Always on the CPU, also on a GPU node: a merge is no reason to take GPU memory from a training
+    # job or vLLM there.
     model_config = config.model.model_copy(update={"trust_remote_code": False, "dropout": None, "dtype": trained_dtype(entry)})
     if entry.kind == "model":
         return load_base_model(model_config, str(entry.path)), str(entry.path)
@@ -97,7 +100,7 @@ def merged_model(entry: AdapterEntry, config: RunConfig) -> tuple[Any, str]:
     quantization = None
     if config.train.method == "qlora":
         quantization = config.qlora.model_copy(update={"compute_dtype": trained_dtype(entry, "qlora_compute_dtype")})
-    base = load_base_model(model_config, folder, quantization=quantization)
+    base = load_base_model(model_config, folder, quantization=quantization, device_map="cpu")
     if quantization is not None:
         base = base.dequantize()  # 4-bit -> the 16-bit weights the adapter was trained against
     peft_model = PeftModel.from_pretrained(base, entry.path)

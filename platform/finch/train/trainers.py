@@ -82,8 +82,10 @@ def hf_arguments(config: RunConfig, output_dir: str) -> dict[str, Any]:
 
 def fsdp_arguments(config: RunConfig) -> dict[str, Any]:
     """FSDP2 (torch fully_shard via accelerate): each transformer block (the model's
-    `_no_split_modules`) is one shard unit; checkpoints are sharded (each rank writes its part,
-    no full gather per save); the final save gathers one full model (see worker.save_final)."""
+    `_no_split_modules`) is one shard unit; rank 0 alone loads the weights and accelerate
+    broadcasts them into the shards (models/loading.load_trainable_model); checkpoints are sharded
+    (each rank writes its part, no full gather per save); the final save gathers one full model
+    (see worker.save_final)."""
     if config.scale.strategy != "fsdp":
         return {}
     return {
@@ -92,9 +94,41 @@ def fsdp_arguments(config: RunConfig) -> dict[str, Any]:
             "version": 2,
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "state_dict_type": "SHARDED_STATE_DICT",
+            "cpu_ram_efficient_loading": True,
             "activation_checkpointing": config.train.gradient_checkpointing,
         },
     }
+
+
+class FsdpOrRefuse:
+    """Trainer mixin: refuse to go on when FSDP was asked for and accelerate did not enable it. It
+    falls back to DDP without a word where it cannot shard (CPU/gloo), and would then place the
+    model on the device, which fails confusingly on the ranks that hold no weights yet."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            raise RuntimeError(
+                "scale.strategy fsdp: accelerate did not enable FSDP on this backend "
+                f"({self.accelerator.distributed_type}); FSDP needs GPUs (scale.use_gpu: true)"
+            )
+
+
+class DdpGradientsInBuckets:
+    """Trainer mixin: DDP keeps the gradients in its communication buckets (gradient_as_bucket_view)
+    instead of a second copy, one fp32 copy of every trained parameter less (a whole model's for
+    full fine-tuning). Ray Train sets up torch.distributed even for one worker, so accelerate wraps
+    every finch model in DDP. HF has no setting for it; `_build_accelerator_args` is where HF
+    builds DDP's arguments."""
+
+    def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        args = super()._build_accelerator_args(**kwargs)
+        for handler in args.get("kwargs_handlers", []):
+            if isinstance(handler, DistributedDataParallelKwargs):
+                handler.gradient_as_bucket_view = True
+        return args
 
 
 class LayerwiseLrDecay:
@@ -186,8 +220,12 @@ class LabelledPositionsLoss:
         return (loss, outputs) if return_outputs else loss
 
 
-class FinchTrainer(PerplexityLogging, PeakMemoryLogging, LayerwiseLrDecay, LabelledPositionsLoss, Trainer):
+class FinchTrainer(FsdpOrRefuse, DdpGradientsInBuckets, PerplexityLogging, PeakMemoryLogging, LayerwiseLrDecay, LabelledPositionsLoss, Trainer):
     pass
+
+
+def uses_flash_attention(model: Any) -> bool:
+    return str(model.config._attn_implementation).startswith("flash_attention")
 
 
 def build_trainer(
@@ -205,16 +243,10 @@ def build_trainer(
             args=args,
             train_dataset=train_rows,
             eval_dataset=eval_rows,
-            data_collator=RowCollator(tokenizer.pad_token_id),
+            data_collator=RowCollator(tokenizer.pad_token_id, flatten=uses_flash_attention(model)),
         )
     trainer.layer_lr_decay = config.train.layer_lr_decay
     # FSDP shards the head's weight outside the model's forward, where the labelled head would run.
     if config.train.objective != "dpo" and config.scale.strategy != "fsdp" and supports_labelled_head(model):
         trainer.labelled_head = LabelledHead(model)
-    if config.scale.strategy == "fsdp" and not trainer.is_fsdp_enabled:
-        # accelerate falls back to DDP without a word where it cannot shard (CPU/gloo): say so instead.
-        raise RuntimeError(
-            "scale.strategy fsdp: accelerate did not enable FSDP on this backend "
-            f"({trainer.accelerator.distributed_type}); FSDP needs GPUs (scale.use_gpu: true)"
-        )
     return trainer

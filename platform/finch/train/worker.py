@@ -78,12 +78,18 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     disable_progress_bar()
     torch.set_num_threads(torch_threads(config))
-    tokenizer = load_tokenizer(payload["model_path"], config.model.trust_remote_code)
+    if config.scale.use_gpu:
+        # fp32 matmuls (full fine-tuning's master weights, fp32 LoRA) on TF32 tensor cores, as
+        # Ampere and newer GPUs allow; older GPUs ignore it.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model_folder = payload["model"].here()
+    tokenizer = load_tokenizer(model_folder, config.model.trust_remote_code)
     train_rows = worker_rows("train", **payload["rows"])
     eval_rows = worker_rows("eval", **payload["rows"]) if config.has_eval else None
 
     set_seed(config.train.seed)  # LoRA init (and dropout) must not depend on what ran before in this process
-    model = load_trainable_model(config, payload["model_path"])
+    model = load_trainable_model(config, model_folder, rank=ray.train.get_context().get_world_rank())
     # HF checkpoints are scratch: each one is copied into Ray's storage as it is saved.
     with tempfile.TemporaryDirectory(prefix="finch-hf-") as scratch, latest_checkpoint() as resume_from:
         trainer = build_trainer(config, model, tokenizer, train_rows, eval_rows, scratch)

@@ -22,11 +22,11 @@ from rich.console import Console
 
 from finch.config import ConfigError, RunConfig, SweepConfig, dump_config, load_config, set_dotted, validate_config
 from finch.data.pipeline import PreparedData, prepare_datasets
-from finch.models.loading import resolve_model_path
+from finch.models.source import ModelSource, resolve_model_source
 from finch.registry.store import AdapterEntry
 from finch.runtime import init_ray
 from finch.precision import Device, training_precision
-from finch.train.run import fit, print_data_stats, print_precision, register, workers_device
+from finch.train.run import check_memory, fit, print_data_stats, print_precision, register, workers_device
 from finch.tune.report import TrialResult, plot_trials, print_results, write_results_csv
 
 METRIC, MODE = "eval_loss", "min"
@@ -56,13 +56,14 @@ def sweep(config: SweepConfig, resume: bool = False) -> AdapterEntry:
     sweep_dir = config.sweep_dir
     if sweep_dir.exists() and not resume:
         raise FileExistsError(f"sweep folder {sweep_dir} exists; pass --resume to continue it")
-    device = workers_device(base.scale.use_gpu)
+    device = workers_device(base.scale)
     print_precision(training_precision(base, device))
-    model_path = resolve_model_path(base.model.path)
+    model = resolve_model_source(base.model)
+    check_memory(base, model, device)
     init_ray()
-    data = prepare_datasets(base.data, model_path, base.train.objective)
+    data = prepare_datasets(base.data, model, base.train.objective)
     print_data_stats(data)
-    trainable = trial_trainable(base, model_path, data, sweep_dir, device)
+    trainable = trial_trainable(base, model, data, sweep_dir, device)
     if resume:
         if not tune.Tuner.can_restore(str(sweep_dir)):
             raise SweepError(f"nothing to resume: {sweep_dir} holds no Tune experiment")
@@ -82,7 +83,7 @@ def sweep(config: SweepConfig, resume: bool = False) -> AdapterEntry:
     print_results(results, best, config, console)
     write_results_csv(results, sweep_dir / "results.csv")
     plot_trials(results, best, sweep_dir / "results.png", f"{config.name}: {METRIC} per trial")
-    return register_best(config, base, model_path, data, best, device)
+    return register_best(config, base, model, data, best, device)
 
 
 def interrupted(sweep_dir: Path) -> bool:
@@ -165,13 +166,13 @@ def tune_config(config: SweepConfig) -> tune.TuneConfig:
     )
 
 
-def trial_trainable(base: RunConfig, model_path: str, data: PreparedData, sweep_dir: Path, device: Device) -> Any:
+def trial_trainable(base: RunConfig, model: ModelSource, data: PreparedData, sweep_dir: Path, device: Device) -> Any:
     def run_trial(params: dict[str, Any], data: PreparedData) -> None:
         trial_id = tune.get_context().get_trial_id()
         config = trial_config(base, params, trial_id, sweep_dir)
         # Started again under the same name (a resumed sweep), Ray Train continues from the
         # trial's last checkpoint.
-        fit(config, model_path, data, device, callbacks=[EvalReportsToTune()])
+        fit(config, model, data, device, callbacks=[EvalReportsToTune()])
 
     # The trial process only waits on its Ray Train run; the workers hold the CPUs.
     return tune.with_resources(tune.with_parameters(run_trial, data=data), {"CPU": 0.01})
@@ -186,7 +187,7 @@ def best_trial(results: list[TrialResult]) -> TrialResult:
 
 
 def register_best(
-    config: SweepConfig, base: RunConfig, model_path: str, data: PreparedData, best: TrialResult, device: Device
+    config: SweepConfig, base: RunConfig, model: ModelSource, data: PreparedData, best: TrialResult, device: Device
 ) -> AdapterEntry:
     from ray.train import Checkpoint
 
@@ -199,7 +200,7 @@ def register_best(
         "params": best.params,
         METRIC: best.final_metric,
     }
-    return register(named, model_path, data, Checkpoint(best.checkpoint_path), trial.run_dir, device, lineage)
+    return register(named, model, data, Checkpoint(best.checkpoint_path), trial.run_dir, device, lineage)
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
