@@ -203,16 +203,18 @@ def trl_worker(spec_path: str) -> None:
     Path(spec["metrics"]).write_text(json.dumps({**output.metrics, "steps": output.global_step}))
 
 
-def tokenized_examples(config: dict, tokenizer_path: str) -> list[dict]:
+def tokenized_examples(config: dict) -> list[dict]:
     """finch's token ids and labels of the training file, answerless examples dropped as finch does."""
     import pandas as pd
 
     from finch.data.pipeline import tokenize_batch
     from finch.data.readers import iter_records
+    from finch.models.source import resolve_model_source
 
-    data = validate_config(config).data
+    run = validate_config(config)
+    data = run.data
     rows = pd.DataFrame([{"source": source, "record": json.dumps(record)} for source, record in iter_records(data.train_files[0])])
-    frame = tokenize_batch(rows, data, tokenizer_path, data.template, "sft")
+    frame = tokenize_batch(rows, data, resolve_model_source(run.model), data.template, "sft")
     return [{"input_ids": list(ids), "labels": list(labels)}
             for ids, labels, trainable in zip(frame["input_ids"], frame["labels"], frame["trainable"]) if trainable > 0]
 
@@ -267,14 +269,13 @@ def main() -> None:
     if not GSM8K.exists():
         raise SystemExit(f"bench/train.py trains on {GSM8K} (../shared/data); it is missing")
     started = time.perf_counter()
-    tokenizer_path = resolve_model_path(args.model)
     print(f"machine: {machine_description(('torch', 'ray', 'transformers', 'peft', 'trl'))}; load average {load_average()}")
     print(f"command: {command_line()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="finch-bench-train-"))
     try:
         lines = GSM8K.read_text().splitlines()[: args.examples]
         (work / "train.jsonl").write_text("\n".join(lines) + "\n")
-        examples = tokenized_examples(run_config(args, work, "lora", 1), tokenizer_path)
+        examples = tokenized_examples(run_config(args, work, "lora", 1))
         (work / "tokenized.json").write_text(json.dumps(examples))
         tokens = sum(len(example["input_ids"]) for example in examples)
         print(f"\nDate: {date.today().isoformat()}. Model: {args.model}. Data: the first {args.examples} rows of "
