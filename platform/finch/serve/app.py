@@ -17,7 +17,7 @@ from ray import serve
 from finch.config import ConfigError, ServeConfig, validate_config
 from finch.memory import serving_memory
 from finch.models.source import ModelSource, resolve_model_source
-from finch.precision import Device
+from finch.precision import Device, device_of_workers
 from finch.runtime import cache_root
 from finch.serve.directory import ReplicaAdapters, open_directory, remove_directory
 
@@ -122,8 +122,6 @@ def replica_resources(config: ServeConfig) -> dict[str, Any]:
 def run(config: ServeConfig, blocking: bool = True) -> str:
     """Start Ray Serve on config.server.host:port and deploy; returns the base URL."""
     from finch.runtime import init_ray
-
-    from finch.precision import device_of_workers
 
     model = resolve_model_source(config.model)
     init_ray()
