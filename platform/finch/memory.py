@@ -36,7 +36,7 @@ NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64}
 # Per trained parameter: its fp32 gradient, AdamW's two fp32 moments, and the one fp32 temporary
 # of torch's multi-tensor (foreach) AdamW step, its default on GPUs.
 ADAM_BYTES = 4 + 4 + 4 + 4
-RUNTIME_GIB = {"cuda": 1.0, "cpu": 1.0}
+RUNTIME_GIB = 1.0  # the CUDA context and allocator slack (finch prints no estimate on CPU)
 # vLLM's activations, sampler and CUDA graphs beside weights, LoRA slots and KV cache (a typical
 # figure from its start-up log for 7-8B models; it profiles the real one at start).
 VLLM_OVERHEAD_GIB = 2.0
@@ -104,14 +104,13 @@ def estimate_training(config: RunConfig, arch: Architecture, trained: int) -> Me
     # Trained weights are fp32: full fine-tuning's are the model's weights, adapters' come on top.
     state_bytes = ADAM_BYTES + (0 if train.method == "full" else 4)
     tokens = train.batch_size * config.data.max_length * (2 if train.objective == "dpo" else 1)
-    device = "cuda" if scale.use_gpu else "cpu"
     return MemoryEstimate(
         {
             "weights": weights_bytes(config, arch) / shards / GIB,
             "training state": trained * state_bytes / shards / GIB,
             "activations": activation_bytes(arch, tokens, BYTES[compute_type(config)], train.gradient_checkpointing) / GIB,
             "loss": loss_bytes(config, arch, tokens) / GIB,
-            "runtime": RUNTIME_GIB[device],
+            "runtime": RUNTIME_GIB,
         },
         per="GPU worker" if scale.use_gpu else "worker",
     )
