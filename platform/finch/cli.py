@@ -1,4 +1,4 @@
-"""`finch` command line: data inspect, train, tune, serve, chat, export."""
+"""`finch` command line: data inspect, train, tune, eval, serve, chat, export, registry."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from finch.runtime import OutputFolderError
 app = typer.Typer(help="Fine-tune and serve LLMs on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect datasets before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+registry_app = typer.Typer(help="What the registry holds: versions, lineage, eval scores.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
 console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config YAML (see jobs/).")]
@@ -115,6 +117,48 @@ def serve(
         finally:
             stop(config)
     except USER_ERRORS as err:
+        _fail(err)
+
+
+@app.command("eval")
+def evaluate(
+    config_path: Annotated[Path, typer.Argument(help="Eval config YAML (see jobs/eval/).")],
+    overrides: OverridesArg = None,
+) -> None:
+    """Score the base model and registry entries on a task (vLLM batch generation on Ray Data); record the scores."""
+    from finch.config import EvalConfig
+    from finch.eval.metrics import MetricError
+
+    try:
+        from finch.eval.run import evaluate as run_evaluation
+
+        run_evaluation(load_config(config_path, overrides, schema=EvalConfig))
+    except (*USER_ERRORS, MetricError) as err:
+        _fail(err)
+
+
+RegistryOption = Annotated[Path, typer.Option(help="Registry root.")]
+
+
+@registry_app.command("list")
+def registry_list(registry: RegistryOption = Path("registry")) -> None:
+    """Every entry: kind, method, base model, data, and its eval scores."""
+    from finch.registry.view import print_list
+
+    print_list(registry, console)
+
+
+@registry_app.command("show")
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="Entry: name (latest version) or name@vN.")],
+    registry: RegistryOption = Path("registry"),
+) -> None:
+    """One entry: versions, training, lineage and every evaluation with the base model's score beside it."""
+    from finch.registry.view import print_entry
+
+    try:
+        print_entry(registry, ref, console)
+    except RegistryError as err:
         _fail(err)
 
 

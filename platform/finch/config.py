@@ -7,6 +7,7 @@ value raises `ConfigError` naming the dotted key and what is allowed.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,19 @@ NAME_PATTERN = rf"^{NAME_BODY}$"
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
+
+
+DatasetFormat = Literal[
+    "auto",
+    "alpaca",
+    "messages",
+    "sharegpt",
+    "prompt_completion",
+    "text",
+    "openai_dpo",
+    "sharegpt_preference",
+    "prompt_chosen_rejected",
+]
 
 
 class Section(BaseModel):
@@ -65,17 +79,7 @@ class DataConfig(Section):
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this fraction of training examples for eval (when no eval_files)."
     )
-    format: Literal[
-        "auto",
-        "alpaca",
-        "messages",
-        "sharegpt",
-        "prompt_completion",
-        "text",
-        "openai_dpo",
-        "sharegpt_preference",
-        "prompt_chosen_rejected",
-    ] = Field(
+    format: DatasetFormat = Field(
         "auto",
         description="Row format; 'auto' detects it per row from the keys. The last three are preference pairs "
         "(train.objective dpo).",
@@ -134,6 +138,102 @@ class DpoConfig(Section):
     )
 
 
+METRICS = (
+    "exact_match", "numeric_match", "regex", "contains", "rouge_l", "json_valid", "json_schema", "json_field",
+    "answer_tokens", "perplexity", "python", "judge",
+)
+
+
+class JudgeConfig(Section):
+    url: str = Field(description="Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 (finch serve).")
+    model: str = Field(description="The judge model's name at that endpoint.")
+    rubric: str = Field(
+        description="The judge's instructions; {prompt}, {answer} and {reference} are filled in. The score is the "
+        "first number of the judge's reply."
+    )
+    api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key.")
+    max_tokens: int = Field(64, ge=1, description="Tokens the judge may write.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout; a timed-out row is counted as an error.")
+    concurrency: int = Field(4, ge=1, description="Judge requests in flight at once.")
+
+
+class MetricConfig(Section):
+    # `schema` is a BaseModel attribute, so the field is schema_; configs and manifests spell it schema.
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_by_name=True, serialize_by_alias=True)
+
+    name: Literal[METRICS] = Field(  # type: ignore[valid-type]
+        description="exact_match: answer equals the reference after normalization (case, punctuation, articles, "
+        "spaces); numeric_match: the final number (GSM8K's '#### N', else the last number) equals the reference's; "
+        "regex: `pattern` found in the answer; contains: `text` (default: the reference) found in the answer, "
+        "normalized; rouge_l: ROUGE-L F1 against the reference (rouge-score); json_valid: the answer parses as JSON; "
+        "json_schema: ... and validates against `schema`; json_field: the answer's JSON has `field` equal to the "
+        "reference's; answer_tokens: answer length in tokens; perplexity: of the reference answer under each model; "
+        "python: `function` ('module:function', called with answer, reference, example) returns a number or bool; "
+        "judge: an LLM scores each answer through `judge`."
+    )
+    label: str | None = Field(None, description="Name in results (default: the metric's name); needed to use one metric twice.")
+    pattern: str | None = Field(None, description="regex: a Python regular expression searched in the answer.")
+    text: str | None = Field(None, description="contains: the text to look for (default: the reference).")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="json_schema: the JSON schema.")
+    field: str | None = Field(None, description="json_field: the top-level key compared with the reference's.")
+    function: str | None = Field(None, description="python: 'package.module:function'.")
+    judge: JudgeConfig | None = Field(None, description="judge: the endpoint, model and rubric.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _has_its_settings(self) -> MetricConfig:
+        needs = {"regex": "pattern", "json_schema": "schema_", "json_field": "field", "python": "function", "judge": "judge"}
+        required = needs.get(self.name)
+        if required and getattr(self, required) is None:
+            raise ValueError(f"metric {self.name} needs {required.rstrip('_')!r}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"metric {self.key}: pattern {self.pattern!r} is not a regular expression: {err}") from None
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class EvalDataConfig(Section):
+    files: list[str] = Field(
+        min_length=1, description="Dataset files in any finch format; the reference is each row's final assistant answer "
+        "(preference pairs: the chosen one). Rows that end with a user turn are prompts without a reference."
+    )
+    format: DatasetFormat = Field("auto", description="Row format, as data.format in run configs.")
+    system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N rows.")
+
+
+class GenerationConfig(Section):
+    max_tokens: int = Field(128, ge=1, description="Tokens per answer.")
+    temperature: float = Field(0.0, ge=0, description="0: greedy (default).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    seed: int | None = Field(0, description="Sampling seed (answers repeat run to run).")
+
+
+class EvalTaskConfig(Section):
+    name: str = Field(pattern=NAME_PATTERN, description="Task name: results are keyed 'name/metric' (e.g. gsm8k/numeric_match).")
+    data: EvalDataConfig
+    metrics: list[MetricConfig] = Field(min_length=1, description="Metrics, by name or with settings.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @model_validator(mode="after")
+    def _metric_names_unique(self) -> EvalTaskConfig:
+        keys = [m.key for m in self.metrics]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"metrics {repeated} appear twice: give each a distinct label")
+        return self
+
+
 class TrainConfig(Section):
     method: Literal["full", "lora", "qlora"] = Field(
         "lora",
@@ -172,6 +272,11 @@ class TrainConfig(Section):
         gt=0,
         description="NEFTune: uniform noise of this scale on input embeddings while training (e.g. 5). HF scales "
         "it by 1/sqrt(row length x hidden size): with packing the row is data.max_length, so raise alpha to match.",
+    )
+    eval_tasks: list[EvalTaskConfig] = Field(
+        default_factory=list,
+        description="Tasks scored after training, for the base model and the new entry (finch eval; docs/eval.md); "
+        "scores go to the manifest and MLflow, and sweeps can rank trials by 'task/metric'.",
     )
     layer_lr_decay: float | None = Field(
         None,
@@ -345,6 +450,41 @@ class ServeConfig(Section):
         return max(1, int(self.server.gpus_per_replica))
 
 
+class EvalConfig(EvalTaskConfig):
+    """`finch eval`: one task (data, metrics, generation) for the base model and registry entries at once."""
+
+    models: list[str] = Field(
+        default_factory=lambda: ["base"], min_length=1,
+        description="'base' and registry entries (name: latest version, or name@vN); adapters of one base model share "
+        "one engine and its batches, a fully fine-tuned entry gets an engine of its own.",
+    )
+    model: ModelConfig | None = Field(
+        None, description="The base model; default: the one the listed adapters were trained on (needed for 'base' alone)."
+    )
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="Prompt template for the base model; registry entries use the one they were trained with."
+    )
+    registry_dir: str = Field("registry", description="Registry root; scores are recorded in each entry's manifest.")
+    output_dir: str = Field("evals", description="Results (per-example JSONL, summary, chart) go to output_dir/name.")
+    record: bool = Field(True, description="Record the scores in the registry manifests.")
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="vLLM settings; max_loras and max_lora_rank are raised to fit the listed adapters.",
+    )
+    use_gpu: bool = Field(False, description="One engine per GPU of the cluster (Ray Data actor pool); else one on CPU.")
+    num_engines: int | None = Field(None, ge=1, description="Engines (GPUs) to use; default: every GPU Ray sees.")
+
+    @model_validator(mode="after")
+    def _engines_need_gpus(self) -> EvalConfig:
+        if self.num_engines and not self.use_gpu:
+            raise ValueError("num_engines counts GPU engines: set use_gpu: true (a CPU machine runs one engine)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.name
+
+
 SEARCH_KINDS = {"grid": None, "choice": None, "uniform": 2, "loguniform": 2, "randint": 2}  # kind -> values it takes
 # Data and model are prepared once for all trials of a sweep; names and folders belong to the sweep.
 NOT_SEARCHABLE = ("data.", "model.", "name", "output_dir", "registry_dir", "tracking.")
@@ -413,6 +553,21 @@ class SweepConfig(Section):
     register_as: str | None = Field(
         None, pattern=NAME_PATTERN, description="Registry name of the best trial's adapter (default: the sweep name)."
     )
+    metric: str = Field(
+        "eval_loss",
+        description="What picks the best trial: 'eval_loss', or 'task/metric' naming one of the run config's "
+        "train.eval_tasks (e.g. gsm8k/numeric_match), scored for every finished trial in one engine after the "
+        "search. Early stopping (ASHA) always compares eval loss.",
+    )
+    mode: Literal["min", "max"] | None = Field(None, description="Whether lower or higher metric is better (default: min for eval_loss).")
+
+    @model_validator(mode="after")
+    def _mode_for_the_metric(self) -> SweepConfig:
+        if self.metric != "eval_loss" and self.mode is None:
+            raise ValueError(f"metric {self.metric!r}: set mode (max for accuracy-like scores, min for perplexity)")
+        if self.metric == "eval_loss" and self.mode == "max":
+            raise ValueError("metric eval_loss: lower is better (mode min)")
+        return self
 
     @property
     def sweep_dir(self) -> Path:

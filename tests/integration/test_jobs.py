@@ -3,6 +3,7 @@ a training job and a sweep job, as a user submits them from the repository root.
 
 from __future__ import annotations
 
+import csv
 import os
 import secrets
 import shutil
@@ -90,24 +91,37 @@ def test_jobs_need_the_clusters_token(cluster):
     assert wrong.returncode != 0
 
 
-def test_train_and_sweep_jobs_register_adapters_on_the_cluster(cluster, tiny_plain_model_dir):
+def test_train_and_sweep_jobs_register_adapters_on_the_cluster(cluster, tiny_serving_model_dir):
+    """Both jobs also score a task (finch eval on vLLM, in the job): the train job after training,
+    the sweep to pick its best trial."""
     address, env, tmp = cluster
     data = write_jsonl(tmp / "facts.jsonl", FACTS)
-    run = run_config_dict(tmp, tiny_plain_model_dir, [str(data)], name="facts-job",
+    task = {"name": "facts", "data": {"files": [str(write_jsonl(tmp / "facts_eval.jsonl", FACTS[:8]))]},
+            "metrics": ["contains", "rouge_l"], "generation": {"max_tokens": 12}}
+    run = run_config_dict(tmp, tiny_serving_model_dir, [str(data)], name="facts-job",
                           data={"max_length": 128, "eval_fraction": 0.2},
-                          train={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "lr": 5e-3})
+                          train={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "lr": 5e-3, "eval_tasks": [task]})
     run["tracking"] = {"mlflow": False}
     (tmp / "run.yaml").write_text(yaml.safe_dump(run))
     sweep = {"name": "facts-sweep", "run": str(tmp / "run.yaml"), "output_dir": str(tmp / "sweeps"),
-             "search": {"algorithm": "grid", "space": {"lora.r": {"grid": [4, 8]}}}, "early_stopping": {"enabled": False}}
+             "search": {"algorithm": "grid", "space": {"lora.r": {"grid": [4, 8]}}}, "early_stopping": {"enabled": False},
+             "metric": "facts/rouge_l", "mode": "max"}
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(sweep))
 
     logs = submit_and_wait(address, env, "finch-train", "python", "jobs/finetune.py", "--config", str(tmp / "run.yaml"))
     assert "registered adapter facts-job@v1" in logs
-    assert resolve_adapter(tmp / "registry", "facts-job").manifest["config"]["train"]["max_steps"] == 4
+    entry = resolve_adapter(tmp / "registry", "facts-job")
+    assert entry.manifest["config"]["train"]["max_steps"] == 4
+    (scores,) = entry.manifest["evals"].values()
+    assert scores["task"] == "facts" and scores["examples"] == 8 and set(scores["baseline"]) == {"contains", "rouge_l"}
+    assert 0 <= scores["scores"]["rouge_l"] <= 1
 
     logs = submit_and_wait(address, env, "finch-sweep", "python", "jobs/sweep.py", "--config", str(tmp / "sweep.yaml"))
     assert "sweep facts-sweep: 2 trials" in logs
     best = resolve_adapter(tmp / "registry", "facts-sweep")
-    assert best.manifest["lineage"]["sweep"] == "facts-sweep" and best.manifest["lineage"]["params"]["lora.r"] in (4, 8)
-
+    lineage = best.manifest["lineage"]
+    assert lineage["sweep"] == "facts-sweep" and lineage["params"]["lora.r"] in (4, 8)
+    with (tmp / "sweeps" / "facts-sweep" / "results.csv").open() as handle:
+        trials = list(csv.DictReader(handle))
+    assert lineage["facts/rouge_l"] == max(float(t["facts/rouge_l"]) for t in trials)
+    assert [e["scores"]["rouge_l"] for e in best.manifest["evals"].values()] == [lineage["facts/rouge_l"]]

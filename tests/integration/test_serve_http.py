@@ -285,3 +285,30 @@ def test_ask_prints_every_served_models_answer(server):
     for model in api.models.list().data:
         answer = api.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=6, temperature=0)
         assert f"│ {model.id} " in printed and answer.choices[0].message.content.strip().split()[0] in printed
+
+
+def test_eval_judge_scores_through_finch_serve_and_counts_refused_rows(server, monkeypatch):
+    """finch eval's LLM judge against finch's own OpenAI API: each row's score is the first number of
+    what the served model answers to the filled-in rubric; a refused request is that row's error."""
+    import re
+
+    from finch.config import JudgeConfig
+    from finch.eval.judge import judge_scores
+
+    url = server[0]
+    rubric = "Score 1-10. Question: {prompt} Answer: {answer} Reference: {reference}"
+    items = [{"prompt": "Name a colour.", "answer": f"Colour {n}", "reference": "Blue" if n else None} for n in range(3)]
+    monkeypatch.setenv("JUDGE_KEY", API_KEY)
+    judge = JudgeConfig(url=f"{url}/v1", model="a1", rubric=rubric, api_key_env="JUDGE_KEY", max_tokens=16)
+    scores = judge_scores(judge, items)
+    for item, (score, error) in zip(items, scores):
+        content = rubric.replace("{prompt}", item["prompt"]).replace("{answer}", item["answer"])
+        content = content.replace("{reference}", item["reference"] or "(none)")
+        reply = client(url).chat.completions.create(
+            model="a1", messages=[{"role": "user", "content": content}], temperature=0, max_tokens=16
+        ).choices[0].message.content
+        number = re.search(r"(?:(?<![\w-])-)?\d+(?:\.\d+)?", reply)
+        assert (score, error is None) == ((float(number.group()), True) if number else (None, False)), (reply, score, error)
+    monkeypatch.setenv("JUDGE_KEY", "wrong-key")
+    refused = judge_scores(judge, items)
+    assert all(score is None and "401" in error for score, error in refused), refused

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finch.config import ConfigError, ServeConfig, SweepConfig, load_config, validate_config
+from finch.config import ConfigError, EvalConfig, ServeConfig, SweepConfig, load_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "demo", "model": {"path": "some/model"}, "data": {"train_files": ["a.jsonl"]}}
@@ -66,10 +66,23 @@ def test_eval_files_and_fraction_are_exclusive(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["data.eval_files=[b.jsonl]", "data.eval_fraction=0.1"])
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+RUN_CONFIGS = sorted(p for p in (REPO / "jobs").rglob("*.yaml") if p.parent.name != "eval")
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_run_config_validates(path):
     config = load_config(path)
-    assert all((REPO / f).exists() for f in config.data.train_files + config.data.eval_files)
+    task_files = [f for task in config.train.eval_tasks for f in task.data.files]
+    assert all((REPO / f).exists() for f in config.data.train_files + config.data.eval_files + task_files)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "eval").glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_eval_config_validates_and_builds_its_scorers(path):
+    from finch.eval.metrics import TEXT_METRICS, text_scorer
+
+    config = load_config(path, schema=EvalConfig)
+    assert all((REPO / f).exists() for f in config.data.files)
+    assert all(text_scorer(m) for m in config.metrics if m.name in TEXT_METRICS)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "serve").glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))

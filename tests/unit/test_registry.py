@@ -74,3 +74,51 @@ def test_missing_adapter_file_and_bad_name_are_refused(tmp_path, adapter_files):
         publish(tmp_path, "a", {"adapter_config.json": adapter_files["adapter_config.json"]}, {})
     with pytest.raises(RegistryError, match="must match"):
         publish(tmp_path, "../evil", adapter_files, {})
+
+
+def test_eval_scores_merge_into_the_manifest_per_dataset_and_survive_concurrent_writers(tmp_path, adapter_files):
+    from finch.registry.store import record_scores
+
+    entry = publish(tmp_path, "triage", adapter_files, {"metrics": {"loss": 0.4}})
+    record_scores(entry, "sha256:aa", {"task": "t", "scores": {"json_valid": 0.5, "rouge_l": 0.2}, "counts": {}})
+    record_scores(entry, "sha256:aa", {"task": "t", "scores": {"json_valid": 0.75}, "counts": {}})
+    record_scores(entry, "sha256:bb", {"task": "other", "scores": {"exact_match": 1.0}, "counts": {}})
+    manifest = resolve_adapter(tmp_path, "triage@v1").manifest
+    assert manifest["evals"]["sha256:aa"]["scores"] == {"json_valid": 0.75, "rouge_l": 0.2}  # re-scored metric replaced, others kept
+    assert manifest["evals"]["sha256:bb"]["scores"] == {"exact_match": 1.0} and manifest["metrics"] == {"loss": 0.4}
+
+    def write(index: int) -> None:
+        record_scores(entry, f"sha256:{index}", {"task": "t", "scores": {"m": float(index)}, "counts": {}})
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    evals = resolve_adapter(tmp_path, "triage@v1").manifest["evals"]
+    assert all(evals[f"sha256:{i}"]["scores"] == {"m": float(i)} for i in range(8))  # no writer lost another's scores
+    assert sorted(p.name for p in entry.path.iterdir() if not p.name.startswith(".")) == sorted([*adapter_files, MANIFEST])
+
+
+def test_registry_list_and_show_print_versions_lineage_and_eval_scores(tmp_path, adapter_files):
+    from typer.testing import CliRunner
+
+    from finch.cli import app
+    from finch.registry.store import record_scores
+
+    manifest = {"base_model": {"id": "org/base"}, "config": {"train": {"method": "lora", "objective": "sft"}},
+                "dataset": {"train_files": ["data/triage.jsonl"]}, "template": "alpaca", "lineage": {"sweep": "s1"}}
+    publish(tmp_path, "triage", adapter_files, manifest)
+    entry = publish(tmp_path, "triage", adapter_files, manifest)
+    record_scores(entry, "sha256:aa", {"task": "heldout", "files": ["jobs/data/heldout.jsonl"], "examples": 12,
+                                       "scores": {"json_valid": 0.917}, "baseline": {"json_valid": 0.083}, "counts": {}})
+    runner = CliRunner()
+    listed = runner.invoke(app, ["registry", "list", "--registry", str(tmp_path)], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0, listed.output
+    assert "triage@v1" in listed.output and "triage@v2" in listed.output and "heldout/json_valid 0.917" in listed.output
+    shown = runner.invoke(app, ["registry", "show", "triage", "--registry", str(tmp_path)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    for text in ("triage@v2", "triage@v1, triage@v2", "sweep: s1", "lora sft", "org/base", "heldout", "0.917", "0.083", "heldout.jsonl"):
+        assert text in shown.output
+    missing = runner.invoke(app, ["registry", "show", "nope", "--registry", str(tmp_path)])
+    assert missing.exit_code == 2 and "no adapter named 'nope'" in missing.output

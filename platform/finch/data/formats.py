@@ -53,8 +53,11 @@ def detect_format(record: dict[str, Any]) -> str:
     )
 
 
-def normalize(record: dict[str, Any], fmt: str, source: str, system_prompt: str | None = None) -> dict[str, Any]:
-    """Return the normalized sample of one row; errors name `source` (file:line) and the field."""
+def normalize(
+    record: dict[str, Any], fmt: str, source: str, system_prompt: str | None = None, needs_answer: bool = True
+) -> dict[str, Any]:
+    """Return the normalized sample of one row; errors name `source` (file:line) and the field.
+    `needs_answer` False lets a conversation end with its prompt (evaluation rows judged without a reference)."""
     try:
         fmt = detect_format(record) if fmt == "auto" else fmt
         if fmt == "text":
@@ -73,7 +76,7 @@ def normalize(record: dict[str, Any], fmt: str, source: str, system_prompt: str 
     if "chosen" in sample:
         if messages[-1]["role"] == "assistant":
             raise DatasetError(f"{source}: the prompt of a preference pair ends with an assistant turn")
-    else:
+    elif needs_answer:
         _check_has_answer(messages, source)
     return sample
 

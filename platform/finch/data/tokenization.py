@@ -91,7 +91,7 @@ def tokenize_preference(sample: dict[str, Any], template: str, tokenizer: Any, m
     for answer in (sample["chosen"], sample["rejected"]):
         conversation = {"messages": [*sample["messages"], {"role": "assistant", "content": answer}]}
         example = tokenize_segments(render_sample(conversation, template, tokenizer), tokenizer, sys.maxsize)
-        start, end = _final_answer_span(example.labels)
+        start, end = final_answer_span(example.labels)
         prompts.append(example.input_ids[:start])
         answers.append(example.input_ids[start:end])
     if prompts[0] != prompts[1]:
@@ -101,7 +101,7 @@ def tokenize_preference(sample: dict[str, Any], template: str, tokenizer: Any, m
     return PreferenceExample(prompts[0], answers[0][:room], answers[1][:room], full_length)
 
 
-def _final_answer_span(labels: list[int]) -> tuple[int, int]:
+def final_answer_span(labels: list[int]) -> tuple[int, int]:
     end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
     start = end
     while start > 0 and labels[start - 1] != IGNORE_INDEX:

@@ -107,15 +107,20 @@ def resolve_model_source(model: ModelConfig) -> ModelSource:
 
 
 def trained_base_folder(entries: list[AdapterEntry]) -> str:
-    """The local folder of the base model registry entries were trained on (at the commit they were
-    trained on, for hub models), checked by fingerprint."""
+    """The local folder of the base model registry entries were trained on."""
+    return trained_base_source(entries).folder
+
+
+def trained_base_source(entries: list[AdapterEntry]) -> ModelSource:
+    """The base model registry entries were trained on (at the commit they were trained on, for hub
+    models), checked by fingerprint."""
     from finch.fingerprint import fingerprint_model_folder
 
     bases = {entry.manifest["base_model"]["fingerprint"] for entry in entries}
     if len(bases) != 1:
         raise RegistryError(f"adapters {', '.join(e.ref for e in entries)} were trained on different base models")
-    base = entries[0].manifest["base_model"]
-    folder = resolve_model_path(validate_config(entries[0].manifest["config"]).model.path, base.get("revision"))
-    if fingerprint_model_folder(folder) not in bases:
-        raise RegistryError(f"base model at {folder} is not the one {entries[0].ref} was trained on (fingerprint differs)")
-    return folder
+    model = validate_config(entries[0].manifest["config"]).model
+    source = resolve_model_source(model.model_copy(update={"revision": entries[0].manifest["base_model"].get("revision")}))
+    if fingerprint_model_folder(source.folder) not in bases:
+        raise RegistryError(f"base model at {source.folder} is not the one {entries[0].ref} was trained on (fingerprint differs)")
+    return source

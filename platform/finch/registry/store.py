@@ -103,6 +103,32 @@ def resolve_adapter(registry_dir: str | Path, ref: str) -> AdapterEntry:
     return AdapterEntry(match["name"], version, path, json.loads((path / MANIFEST).read_text()))
 
 
+def record_scores(entry: AdapterEntry, dataset_fingerprint: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Merge an evaluation's scores into the entry's manifest under evals[dataset_fingerprint]
+    (metrics evaluated again are replaced, others kept: in scores, counts and baseline); returns
+    the updated manifest.
+
+    The manifest is rewritten whole (temp file + rename) under a lock: a reader never sees half a
+    file, and two evaluations of one entry at once lose neither's scores.
+    """
+    import fcntl
+
+    manifest_path = entry.path / MANIFEST
+    with (entry.path / ".finch_manifest.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = json.loads(manifest_path.read_text())
+        evals = manifest.setdefault("evals", {})
+        previous = evals.get(dataset_fingerprint, {})
+        merged = {key: {**previous.get(key, {}), **record[key]} for key in ("scores", "counts", "baseline") if key in record}
+        evals[dataset_fingerprint] = {**previous, **record, **merged}
+        staging = manifest_path.with_name(f".{MANIFEST}.{os.getpid()}")
+        staging.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        with staging.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, manifest_path)
+    return manifest
+
+
 def list_adapters(registry_dir: str | Path) -> list[AdapterEntry]:
     root = Path(registry_dir)
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)) if root.exists() else []

@@ -122,23 +122,7 @@ class ServingEngine:
         return adapter
 
     def check_servable(self, entry: AdapterEntry) -> None:
-        if entry.kind != "adapter":
-            raise AdapterRefused(f"{entry.ref} is a fully fine-tuned model, not an adapter: serve it as its own base")
-        if entry.manifest.get("base_model", {}).get("fingerprint") != self.base_fingerprint:
-            raise AdapterRefused(f"{entry.ref} was trained on another base model than the one served (fingerprint differs)")
-        config = json.loads((entry.path / "adapter_config.json").read_text())
-        if config.get("r", 0) > self.settings.max_lora_rank:
-            raise AdapterRefused(f"{entry.ref} has rank {config['r']}; this engine serves ranks up to {self.settings.max_lora_rank}")
-        if config.get("use_dora"):
-            raise AdapterRefused(f"{entry.ref} is a DoRA adapter, which vLLM does not serve")
-        if config.get("modules_to_save"):
-            raise AdapterRefused(f"{entry.ref} trains whole modules ({config['modules_to_save']}), which vLLM does not serve")
-        targets = config.get("target_modules") or []
-        unsupported = sorted(set(targets) - SERVABLE_MODULES) if isinstance(targets, list) else []
-        if unsupported:
-            raise AdapterRefused(f"{entry.ref} adapts modules vLLM does not serve with LoRA: {', '.join(unsupported)}")
-        if not (entry.path / "adapter_model.safetensors").is_file():
-            raise AdapterRefused(f"{entry.ref} has no adapter_model.safetensors (finch serves safetensors only)")
+        check_servable(entry, self.base_fingerprint, self.settings.max_lora_rank)
 
     async def generate(self, prompt_ids: list[int], params: Any, adapter: str | None, request_id: str) -> AsyncIterator[Any]:
         """vLLM request outputs for one prompt; adapter None means the base model."""
@@ -177,6 +161,34 @@ class ServingEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def check_servable(entry: AdapterEntry, base_fingerprint: str, max_lora_rank: int) -> None:
+    """Refuse (AdapterRefused, saying why) a registry entry vLLM cannot serve on this base model."""
+    if entry.kind != "adapter":
+        raise AdapterRefused(f"{entry.ref} is a fully fine-tuned model, not an adapter: serve it as its own base")
+    if entry.manifest.get("base_model", {}).get("fingerprint") != base_fingerprint:
+        raise AdapterRefused(f"{entry.ref} was trained on another base model than the one served (fingerprint differs)")
+    config = json.loads((entry.path / "adapter_config.json").read_text())
+    if adapter_rank(entry.path) > max_lora_rank:
+        raise AdapterRefused(f"{entry.ref} has rank {adapter_rank(entry.path)}; this engine serves ranks up to {max_lora_rank}")
+    if config.get("use_dora"):
+        raise AdapterRefused(f"{entry.ref} is a DoRA adapter, which vLLM does not serve")
+    if config.get("modules_to_save"):
+        raise AdapterRefused(f"{entry.ref} trains whole modules ({config['modules_to_save']}), which vLLM does not serve")
+    targets = config.get("target_modules") or []
+    # PEFT writes full module paths (model.layers.0.mlp.up_proj) when an adapter targets few modules.
+    unsupported = sorted({t.rsplit(".", 1)[-1] for t in targets} - SERVABLE_MODULES) if isinstance(targets, list) else []
+    if unsupported:
+        raise AdapterRefused(f"{entry.ref} adapts modules vLLM does not serve with LoRA: {', '.join(unsupported)}")
+    if not (entry.path / "adapter_model.safetensors").is_file():
+        raise AdapterRefused(f"{entry.ref} has no adapter_model.safetensors (finch serves safetensors only)")
+
+
+def adapter_rank(folder: str | Path) -> int:
+    """The largest LoRA rank in an adapter folder (PEFT's rank_pattern can raise it for some modules)."""
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return max([config.get("r", 0), *(config.get("rank_pattern") or {}).values()])
 
 
 def engine_arguments(settings: EngineConfig, model_path: str, dtype: str, gpus: float) -> dict[str, Any]:

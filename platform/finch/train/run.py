@@ -71,6 +71,12 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
     try:
         final_checkpoint = progress.run(lambda: fit(config, model, data, device, progress.queue))
         entry = register(config, model, data, final_checkpoint, run_dir, device)
+        if config.train.eval_tasks:
+            from finch.eval.run import evaluate_after_training
+
+            task_scores = evaluate_after_training(config, entry)
+            if tracker:
+                tracker.log_metrics({f"task/{key}": value for key, value in task_scores.items() if value is not None})
     except BaseException:
         if tracker:
             with contextlib.suppress(Exception):  # the training error is the one to report

@@ -23,6 +23,7 @@ class TrialResult:
     checkpoint_path: str | None
     error: str | None
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) per evaluation
+    task_score: float | None = None  # the sweep's task metric (finch eval) of the final adapter, when it ranks by one
 
     @property
     def finished(self) -> bool:
@@ -56,24 +57,28 @@ class TrialResult:
 
 def print_results(results: list[TrialResult], best: TrialResult, sweep: Any, console: Console) -> None:
     keys = list(sweep.search.space)
-    table = Table(title=f"sweep {sweep.name}: {len(results)} trials, best {best.trial_id}")
-    for column in ["trial", *keys, "status", "evals", "eval_loss"]:
+    task_metric = [sweep.metric] if sweep.metric != "eval_loss" else []
+    table = Table(title=f"sweep {sweep.name}: {len(results)} trials, best {best.trial_id} by {sweep.metric}")
+    for column in ["trial", *keys, "status", "evals", "eval_loss", *task_metric]:
         table.add_column(column, justify="left" if column in ("trial", "status") else "right")
-    for r in sorted(results, key=lambda r: (not r.finished, r.final_metric if not math.isnan(r.final_metric) else math.inf)):
+    for r in sorted(results, key=lambda r: (r is not best, not r.finished, r.final_metric if not math.isnan(r.final_metric) else math.inf)):
         style = "bold green" if r is best else None
+        scores = [format_value(r.task_score) if r.task_score is not None else "-" for _ in task_metric]
         table.add_row(r.trial_id, *(format_value(r.params.get(k)) for k in keys), r.status, str(r.evaluations),
-                      f"{r.final_metric:.4f}", style=style)
+                      f"{r.final_metric:.4f}", *scores, style=style)
     console.print(table)
 
 
-def write_results_csv(results: list[TrialResult], path: Path) -> None:
+def write_results_csv(results: list[TrialResult], path: Path, metric: str = "eval_loss") -> None:
     keys = sorted({k for r in results for k in r.params})
+    task_metric = [metric] if metric != "eval_loss" else []
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["trial", *keys, "status", "evaluations", "eval_loss", "checkpoint", "error"])
+        writer.writerow(["trial", *keys, "status", "evaluations", "eval_loss", *task_metric, "checkpoint", "error"])
         for r in results:
+            scores = [r.task_score if r.task_score is not None else "" for _ in task_metric]
             writer.writerow([r.trial_id, *(r.params.get(k) for k in keys), r.status, r.evaluations, r.final_metric,
-                             r.checkpoint_path or "", r.error or ""])
+                             *scores, r.checkpoint_path or "", r.error or ""])
 
 
 def plot_trials(results: list[TrialResult], best: TrialResult, path: Path, title: str) -> Path:

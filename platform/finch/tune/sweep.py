@@ -20,7 +20,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from rich.console import Console
 
-from finch.config import ConfigError, RunConfig, SweepConfig, dump_config, load_config, set_dotted, validate_config
+from finch.config import ConfigError, EvalTaskConfig, RunConfig, SweepConfig, dump_config, load_config, set_dotted, validate_config
 from finch.data.pipeline import PreparedData, prepare_datasets
 from finch.models.source import ModelSource, resolve_model_source
 from finch.registry.store import AdapterEntry
@@ -79,11 +79,38 @@ def sweep(config: SweepConfig, resume: bool = False) -> AdapterEntry:
     if interrupted(sweep_dir):
         raise SweepInterrupted(f"sweep {config.name} stopped before every trial ended; continue it with --resume")
     results = [TrialResult.from_tune(r, METRIC) for r in grid]
-    best = best_trial(results)
+    task_result = score_trials(config, base, model, data, results) if config.metric != METRIC else None
+    best = best_trial(results, config)
     print_results(results, best, config, console)
-    write_results_csv(results, sweep_dir / "results.csv")
+    write_results_csv(results, sweep_dir / "results.csv", config.metric)
     plot_trials(results, best, sweep_dir / "results.png", f"{config.name}: {METRIC} per trial")
-    return register_best(config, base, model, data, best, device)
+    entry = register_best(config, base, model, data, best, device)
+    if task_result is not None:
+        from finch.eval.run import score_record
+        from finch.registry.store import record_scores
+
+        record_scores(entry, task_result.fingerprint, score_record(ranking_task(config, base), task_result, trial_name(best)))
+    return entry
+
+
+def score_trials(config: SweepConfig, base: RunConfig, model: ModelSource, data: PreparedData, results: list[TrialResult]) -> Any:
+    """Score every finished trial's adapter on the ranking task, all in one engine; sets task_score."""
+    from finch.eval.run import evaluate_checkpoints
+
+    finished = {trial_name(r): r for r in results if r.finished}
+    if not finished:
+        return None
+    task = ranking_task(config, base)
+    adapters = {name: r.checkpoint_path for name, r in finished.items()}
+    result = evaluate_checkpoints(task, base, model, data.template, adapters, config.sweep_dir / "evals")
+    metric = config.metric.partition("/")[2]
+    for name, trial in finished.items():
+        trial.task_score = result.score(name, metric)
+    return result
+
+
+def trial_name(result: TrialResult) -> str:
+    return f"trial-{result.trial_id}"
 
 
 def interrupted(sweep_dir: Path) -> bool:
@@ -97,8 +124,23 @@ def interrupted(sweep_dir: Path) -> bool:
 def base_run_config(config: SweepConfig) -> RunConfig:
     base = load_config(config.run, config.overrides)
     if not base.has_eval:
-        raise ConfigError(f"{config.run}: a sweep ranks trials by eval loss; set data.eval_files or data.eval_fraction")
+        raise ConfigError(f"{config.run}: a sweep stops trials early by eval loss; set data.eval_files or data.eval_fraction")
+    if config.metric != METRIC:
+        ranking_task(config, base)
     return base
+
+
+def ranking_task(config: SweepConfig, base: RunConfig) -> EvalTaskConfig:
+    """The train.eval_tasks entry that `metric` ('task/metric') names."""
+    task_name, _, metric = config.metric.partition("/")
+    tasks = {task.name: task for task in base.train.eval_tasks}
+    if task_name not in tasks or metric not in {m.key for m in tasks[task_name].metrics}:
+        offered = [f"{t.name}/{m.key}" for t in tasks.values() for m in t.metrics]
+        raise ConfigError(f"metric {config.metric!r} is not a task metric of {config.run}'s train.eval_tasks; "
+                          f"choose eval_loss or one of: {', '.join(offered) or '(none: add train.eval_tasks)'}")
+    if base.train.method == "full":
+        raise ConfigError("a task metric ranks LoRA and QLoRA trials (one engine, every trial's adapter); rank full fine-tuning by eval_loss")
+    return tasks[task_name]
 
 
 def check_space(config: SweepConfig, base: RunConfig) -> None:
@@ -178,12 +220,19 @@ def trial_trainable(base: RunConfig, model: ModelSource, data: PreparedData, swe
     return tune.with_resources(tune.with_parameters(run_trial, data=data), {"CPU": 0.01})
 
 
-def best_trial(results: list[TrialResult]) -> TrialResult:
+def best_trial(results: list[TrialResult], config: SweepConfig) -> TrialResult:
     finished = [r for r in results if r.finished]
     if not finished:
         errors = "; ".join(f"{r.trial_id}: {r.error}" for r in results if r.error)
         raise SweepError(f"no trial finished training{': ' + errors if errors else ''}")
-    return min(finished, key=lambda r: r.final_metric)
+    if config.metric == METRIC:
+        return min(finished, key=lambda r: r.final_metric)
+    scored = [r for r in finished if r.task_score is not None]
+    if not scored:
+        raise SweepError(f"no finished trial got a {config.metric} score (see {config.sweep_dir / 'evals'})")
+    pick = max if config.mode == "max" else min
+    # Ties (common for accuracies on small sets) go to the lower eval loss.
+    return pick(scored, key=lambda r: (r.task_score, -r.final_metric if config.mode == "max" else r.final_metric))
 
 
 def register_best(
@@ -200,6 +249,8 @@ def register_best(
         "params": best.params,
         METRIC: best.final_metric,
     }
+    if best.task_score is not None:
+        lineage[config.metric] = best.task_score
     return register(named, model, data, Checkpoint(best.checkpoint_path), trial.run_dir, device, lineage)
 
 
