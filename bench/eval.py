@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finch.config import EvalConfig, validate_config
+from finch.config import EvalConfig, EvalDataConfig, validate_config
 from finch.data.pipeline import load_tokenizer
 from finch.data.tokenization import prompt_token_ids
+from finch.eval.examples import read_examples
 from finch.eval.generate import Generator
 from finch.eval.targets import engine_groups
 from finch.models.gemma_gguf import GEMMA3_270M_URI
@@ -50,16 +51,11 @@ PROMPT_FILES = ("jobs/data/triage_heldout.jsonl", "jobs/data/concierge.jsonl")
 
 
 def real_prompts(count: int) -> list[list[dict[str, str]]]:
-    """User turns of the quickstart's data, without their answers."""
-    prompts = []
-    for name in PROMPT_FILES:
-        for line in (REPO / name).read_text().splitlines():
-            messages = json.loads(line).get("messages")
-            if messages:
-                prompts.append([m for m in messages if m["role"] != "assistant"][:1])
-    if len(prompts) < count:
-        raise SystemExit(f"only {len(prompts)} prompts in {PROMPT_FILES}")
-    return prompts[:count]
+    """The prompt turns of the quickstart's data (read as finch eval reads them), without their answers."""
+    examples = read_examples(EvalDataConfig(files=[str(REPO / name) for name in PROMPT_FILES], limit=count))
+    if len(examples) < count:
+        raise SystemExit(f"only {len(examples)} prompts in {PROMPT_FILES}")
+    return [e.messages for e in examples]
 
 
 def finch_generation(config: EvalConfig, prompts: list, dtype: str) -> tuple[dict, float, float]:
@@ -72,7 +68,8 @@ def finch_generation(config: EvalConfig, prompts: list, dtype: str) -> tuple[dic
     batch = {"example": np.array([r[0] for r in rows]), "target": np.array([r[1] for r in rows]), "messages": np.array([r[2] for r in rows])}
     out = generator(batch)
     finished = time.perf_counter()
-    answers = {(e, t): (a, n) for e, t, a, n in zip(out["example"], out["target"], out["answer"], out["answer_tokens"])}
+    # keyed by adapter name, as the baseline: the registry refs are name@v1
+    answers = {(e, t.split("@")[0]): (a, n) for e, t, a, n in zip(out["example"], out["target"], out["answer"], out["answer_tokens"])}
     del generator
     return answers, started - start, finished - started
 

@@ -469,7 +469,7 @@ class EvalConfig(EvalTaskConfig):
     record: bool = Field(True, description="Record the scores in the registry manifests.")
     engine: EngineConfig = Field(
         default_factory=EngineConfig,
-        description="vLLM settings; max_loras and max_lora_rank are raised to fit the listed adapters.",
+        description="vLLM settings; max_loras is raised to fit the listed adapters, max_lora_rank set to their largest rank.",
     )
     use_gpu: bool = Field(False, description="One engine per GPU of the cluster (Ray Data actor pool); else one on CPU.")
     num_engines: int | None = Field(None, ge=1, description="Engines (GPUs) to use; default: every GPU Ray sees.")

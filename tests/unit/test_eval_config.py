@@ -91,8 +91,10 @@ def test_engine_slots_and_rank_grow_to_fit_every_adapter_in_one_batch(tmp_path):
     group = EngineGroup(ModelSource("m", "m"), None, tuple(targets))
     cpu = group.engine_settings(EngineConfig(max_loras=2, max_lora_rank=8, max_cpu_loras=2), on_gpu=False)
     assert (cpu.max_loras, cpu.max_cpu_loras, cpu.max_lora_rank) == (4, 4, 128)  # 3 adapters + the zero adapter; 96 -> vLLM's 128
-    gpu = group.engine_settings(EngineConfig(max_loras=8, max_lora_rank=64), on_gpu=True)
-    assert (gpu.max_loras, gpu.max_lora_rank) == (8, 128)
+    gpu = group.engine_settings(EngineConfig(max_loras=8, max_lora_rank=256), on_gpu=True)
+    assert (gpu.max_loras, gpu.max_lora_rank) == (8, 128)  # no bigger than needed: LoRA products are sized by it
+    only_base = EngineGroup(ModelSource("m", "m"), None, (targets[0],)).engine_settings(EngineConfig(), on_gpu=False)
+    assert (only_base.max_loras, only_base.max_lora_rank) == (4, 8)  # the zero adapter (rank 1) fits vLLM's smallest rank
 
 
 def test_adapters_named_by_full_module_paths_are_servable(tmp_path):

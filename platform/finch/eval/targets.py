@@ -43,13 +43,14 @@ class EngineGroup:
 
     def engine_settings(self, engine: EngineConfig, on_gpu: bool) -> EngineConfig:
         """engine, with room for every adapter of the group in one batch (plus the zero adapter that
-        stands for the base model on CPU) and for the largest adapter rank."""
+        stands for the base model on CPU) and max_lora_rank set to the largest adapter rank."""
         from finch.serve.engine import adapter_rank
 
         slots = len(self.adapters) + (0 if on_gpu else 1)
         max_loras = max(engine.max_loras, slots, 1 if on_gpu else 2)
+        # Exactly the rank the adapters need: every LoRA product is sized by max_lora_rank.
         ranks = [adapter_rank(t.adapter_path) for t in self.adapters]
-        rank = next(r for r in VLLM_LORA_RANKS if r >= max([engine.max_lora_rank, *ranks]))
+        rank = next(r for r in VLLM_LORA_RANKS if r >= max(ranks, default=1))
         return engine.model_copy(update={
             "max_loras": max_loras, "max_cpu_loras": max(engine.max_cpu_loras, max_loras), "max_lora_rank": rank,
         })

@@ -30,6 +30,7 @@ from typing import Any
 from finch.config import EngineConfig
 from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
+from finch.serve.cpu_lora import use_grouped_lora_products
 
 ZERO_ADAPTER = "finch-base"
 # Module kinds vLLM's LoRA layers cover in decoder models; anything else in an adapter is refused.
@@ -82,6 +83,8 @@ class ServingEngine:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
         os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+        if gpus == 0:
+            use_grouped_lora_products()
         args = AsyncEngineArgs(**engine_arguments(settings, model_path, dtype, gpus))
         engine = cls(settings, Path(registry_dir).resolve(), AsyncLLM.from_engine_args(args), fingerprint_model_folder(model_path))
         base = str(write_zero_adapter(model_path, Path(zero_adapter_dir))) if gpus == 0 else ""
@@ -204,6 +207,10 @@ def engine_arguments(settings: EngineConfig, model_path: str, dtype: str, gpus: 
         gpu_memory_utilization=settings.gpu_memory_utilization,
         trust_remote_code=False,
         disable_log_stats=True,
+        # LoRA layers only where finch serves adapters (check_servable refuses the rest). Left to vLLM,
+        # the LM head gets one too, and every request then pays a LoRA product over the whole
+        # vocabulary (262k for Gemma) at every step.
+        lora_target_modules=sorted(SERVABLE_MODULES),
     )
     if gpus > 1:
         # One vLLM worker per GPU, placed by Ray in the bundles of the replica's placement group.
