@@ -120,6 +120,40 @@ def test_bad_requests_get_openai_style_4xx_errors(server):
     assert httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {API_KEY}"}).json() == {"status": "ok"}
 
 
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}), ("frequency_penalty", 0.5),
+     ("presence_penalty", -0.5), ("logit_bias", {"5": 10}), ("tools", [TOOL]), ("tool_choice", "required")],
+)
+def test_fields_that_would_change_the_answer_are_refused_by_name_not_ignored(server, field, value):
+    import openai
+
+    api = client(server[0])
+    with pytest.raises(openai.BadRequestError, match=f"{field}: this server does not support it yet") as refused:
+        api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, **{field: value})
+    assert refused.value.body["code"] == "unsupported_parameter"
+
+
+def test_text_parts_and_fields_set_to_their_no_op_values_are_served(server):
+    import openai
+
+    api = client(server[0])
+    plain = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=8, temperature=0)
+    parts = [{"role": "user", "content": [{"type": "text", "text": QUESTION[0]["content"]}]}]
+    same = api.chat.completions.create(model="a1", messages=parts, max_tokens=8, temperature=0, logprobs=False,
+                                       frequency_penalty=0, response_format={"type": "text"}, user="someone")
+    assert same.choices[0].message.content == plain.choices[0].message.content
+    assert same.usage.prompt_tokens == plain.usage.prompt_tokens
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
+    with pytest.raises(openai.UnprocessableEntityError, match="messages.0.content"):
+        api.chat.completions.create(model="a1", messages=image, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="echo: this server does not support it yet"):
+        api.completions.create(model="base", prompt="Once upon", max_tokens=4, echo=True)
+
+
 def test_adapters_load_reload_and_unload_under_traffic(server):
     url, registry, adapters, model_dir = server
     api = client(url)

@@ -45,18 +45,49 @@ class ApiError(Exception):
         self.status, self.kind, self.code = status, kind, code
 
 
+class TextPart(BaseModel):
+    type: Literal["text"] = Field(description="Only text parts: this server serves text models.")
+    text: str
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        """The content as one string; text parts joined by newlines, as vLLM's server joins them."""
+        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields that change the answer and that this server does not carry out yet, with the value
+# that means "not used": a request that sets one otherwise is refused naming it, never answered as
+# if it had not been sent.
+NOT_YET_HONOURED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
 class SamplingRequest(BaseModel):
-    # OpenAI clients send fields finch has no use for (logprobs: false, ...): ignore those.
-    model_config = ConfigDict(extra="ignore")
+    # Fields that do not change the answer (user, metadata, store, ...) are accepted and ignored;
+    # those that do and are not carried out yet are refused by name (refuse_unsupported).
+    model_config = ConfigDict(extra="allow")
 
     model: str
     stream: bool = False
@@ -67,7 +98,13 @@ class SamplingRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
-    n: Literal[1] = 1
+    n: Literal[1] = Field(1, description="One answer per request (n above 1 is not served yet).")
+
+    def refuse_unsupported(self) -> None:
+        sent = self.model_extra or {}
+        for field, unused in NOT_YET_HONOURED.items():
+            if field in sent and sent[field] not in unused:
+                raise ApiError(400, f"{field}: this server does not support it yet; leave it out", code="unsupported_parameter")
 
 
 class ChatRequest(SamplingRequest):
@@ -75,7 +112,7 @@ class ChatRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str
+    prompt: str = Field(description="One prompt (lists of prompts are not served yet).")
 
 
 class LoadRequest(BaseModel):
@@ -160,8 +197,9 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest):
+        body.refuse_unsupported()
         adapter = await route(state, body.model)
-        messages = [m.model_dump() for m in body.messages]
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
         system_prompt = training_system_prompt(state, adapter)
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
@@ -173,6 +211,7 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
+        body.refuse_unsupported()
         adapter = await route(state, body.model)
         ids = state.tokenizer(body.prompt)["input_ids"]
         return await respond(state, body, adapter, ids, chat=False)
