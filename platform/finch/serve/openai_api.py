@@ -71,9 +71,6 @@ NOT_YET_HONOURED = {
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
     "response_format": (None, {"type": "text"}),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -99,6 +96,19 @@ class SamplingRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: Literal[1] = Field(1, description="One answer per request (n above 1 is not served yet).")
+    # OpenAI's ranges; vLLM would take wider ones.
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
+
+    def checked_logit_bias(self, vocab_size: int) -> dict[int, float] | None:
+        """logit_bias, refused here (400 naming the token) rather than by vLLM once a stream has begun."""
+        for token, bias in (self.logit_bias or {}).items():
+            if not 0 <= token < vocab_size:
+                raise ApiError(400, f"logit_bias: token id {token} is not in the vocabulary (0-{vocab_size - 1})", code="invalid_parameters")
+            if not -100 <= bias <= 100:
+                raise ApiError(400, f"logit_bias: bias {bias} for token {token} is outside [-100, 100]", code="invalid_parameters")
+        return self.logit_bias or None
 
     def refuse_unsupported(self) -> None:
         sent = self.model_extra or {}
@@ -308,6 +318,9 @@ def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) 
         max_tokens=requested or min(room, limits.server.max_tokens_limit),
         stop=body.stop,
         seed=body.seed,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        logit_bias=body.checked_logit_bias(len(state.tokenizer)),
         stop_token_ids=state.stop_token_ids,
         output_kind=RequestOutputKind.DELTA,
     )
