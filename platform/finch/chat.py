@@ -18,6 +18,7 @@ from rich.table import Table
 
 from finch.config import validate_config
 from finch.data.pipeline import load_tokenizer
+from finch.data.templates import with_system_prompt
 from finch.data.tokenization import prompt_token_ids
 from finch.models.loading import load_base_model
 from finch.models.source import trained_base_folder
@@ -96,9 +97,7 @@ class ChatSession:
         template = (adapter or self.adapters[0]).manifest["template"]
         # The system message the adapter saw in training (formats.normalize adds it there); the base
         # model gets none, as in `finch serve`.
-        system_prompt = adapter.manifest["config"]["data"].get("system_prompt") if adapter else None
-        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages = [*system, {"role": "user", "content": prompt}]
+        messages = with_system_prompt([{"role": "user", "content": prompt}], adapter.system_prompt if adapter else None)
         input_ids = torch.tensor([prompt_token_ids(messages, self.tokenizer, template)], device=self.model.device)
         if adapter is not None and adapter.kind == "model":
             output = self._generate(self.full_models[adapter.ref], input_ids, max_new_tokens)

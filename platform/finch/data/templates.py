@@ -42,6 +42,14 @@ def render_sample(sample: dict[str, Any], template: str, tokenizer: Any) -> list
     return _alpaca_segments(sample["messages"])
 
 
+def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """messages, led by the system prompt an adapter was trained with unless they bring their own
+    (training adds it the same way: formats.normalize)."""
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def render_prompt(messages: list[dict[str, str]], template: str, tokenizer: Any) -> list[Segment]:
     """The segments a model continues from to produce the next assistant turn.
 

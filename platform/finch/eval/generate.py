@@ -88,12 +88,11 @@ class Generator:
 
     def _prompt(self, target: Any, messages: list[dict[str, str]]) -> tuple[list[int], str]:
         """The prompt's token ids, or why it cannot be answered."""
+        from finch.data.templates import with_system_prompt
         from finch.data.tokenization import prompt_token_ids
 
-        if target.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": target.system_prompt}, *messages]
         try:
-            ids = prompt_token_ids(messages, self.tokenizer, target.template)
+            ids = prompt_token_ids(with_system_prompt(messages, target.system_prompt), self.tokenizer, target.template)
         except Exception as err:  # a conversation this template cannot render: that row's error, not the run's
             return [], f"cannot render the prompt: {err}"
         if len(ids) >= self.engine.max_model_len:

@@ -53,11 +53,11 @@ class ReferenceScorer:
         return out
 
     def _reference_nll(self, target: Any, messages: list[dict[str, str]], reference: str) -> tuple[float, int]:
+        from finch.data.templates import with_system_prompt
         from finch.data.tokenization import IGNORE_INDEX, final_answer_span, tokenize_sample
 
         torch = self.torch
-        if target.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": target.system_prompt}, *messages]
+        messages = with_system_prompt(messages, target.system_prompt)
         conversation = {"messages": [*messages, {"role": "assistant", "content": reference}]}
         example = tokenize_sample(conversation, target.template, self.tokenizer, sys.maxsize)
         start, end = final_answer_span(example.labels)

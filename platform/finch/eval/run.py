@@ -21,9 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from finch.config import EvalConfig, EvalTaskConfig, MetricConfig, RunConfig
 from finch.eval.examples import EvalExample, dataset_fingerprint, read_examples
 from finch.eval.metrics import TEXT_METRICS, MetricError, summarize, text_scorer
-from finch.eval.targets import BASE, EngineGroup, Target, engine_groups
+from finch.eval.perplexity import perplexity
+from finch.eval.targets import BASE, EngineGroup, Target, engine_groups, untrusted
 from finch.models.source import ModelSource
 from finch.registry.store import AdapterEntry, record_scores
+from finch.runtime import init_ray
 
 console = Console()
 
@@ -49,26 +51,27 @@ def evaluate_groups(config: EvalConfig, groups: list[EngineGroup]) -> EvalResult
     scorers = {m.key: text_scorer(m) for m in config.metrics if m.name in TEXT_METRICS}
     models = [t.name for g in groups for t in g.targets]
     console.print(f"finch: evaluating {', '.join(models)} on {len(examples)} examples of {', '.join(config.data.files)}", highlight=False)
-    answers = generate_all(config, groups, examples)
-    scores = score_all(config, groups, examples, answers, scorers)
+    init_ray()
+    dtypes = [served_dtype(config, group) for group in groups]
+    answers = generate_all(config, groups, dtypes, examples)
+    scores = score_all(config, groups, dtypes, examples, answers, scorers)
     result = write_results(config, examples, models, answers, scores)
     if config.record:
         record_in_registry(config, groups, result)
     return result
 
 
-def generate_all(config: EvalConfig, groups: list[EngineGroup], examples: list[EvalExample]) -> dict[tuple[int, str], dict]:
+def generate_all(
+    config: EvalConfig, groups: list[EngineGroup], dtypes: list[str], examples: list[EvalExample]
+) -> dict[tuple[int, str], dict]:
     from finch.eval.generate import generate_answers
-    from finch.runtime import init_ray
 
-    init_ray()
     answers: dict[tuple[int, str], dict] = {}
     total = sum(len(g.targets) for g in groups) * len(examples)
     columns = (TextColumn("finch: generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("answers", total=total)
-        for group in groups:
-            dtype = served_dtype(config, group)
+        for group, dtype in zip(groups, dtypes):
             rows = generate_answers(
                 group, examples, config.engine, config.generation, dtype, engine_count(config), config.use_gpu,
                 lambda: progress.advance(task),
@@ -99,8 +102,8 @@ def engine_count(config: EvalConfig) -> int:
 
 
 def score_all(
-    config: EvalConfig, groups: list[EngineGroup], examples: list[EvalExample], answers: dict[tuple[int, str], dict],
-    scorers: dict[str, Callable],
+    config: EvalConfig, groups: list[EngineGroup], dtypes: list[str], examples: list[EvalExample],
+    answers: dict[tuple[int, str], dict], scorers: dict[str, Callable],
 ) -> dict[tuple[int, str], dict[str, Any]]:
     """(example, model) -> {"scores": {metric: value or None}, "errors": {metric: message}}."""
     by_index = {e.index: e for e in examples}
@@ -112,7 +115,7 @@ def score_all(
             values = {key: (float(row["answer_tokens"]), None) for key, row in answers.items()}
         elif metric.name == "perplexity":
             values = {}
-            for key, (total, tokens) in reference_nll_all(config, groups, examples).items():
+            for key, (total, tokens) in reference_nll_all(config, groups, dtypes, examples).items():
                 values[key] = (math.exp(total / tokens) if tokens else None, None)
                 scores[key]["reference_nll"] = [total, tokens]  # the summary weighs every token the same
         else:
@@ -141,12 +144,14 @@ def text_scores(scorer: Callable, answers: dict, by_index: dict[int, EvalExample
     return values
 
 
-def reference_nll_all(config: EvalConfig, groups: list[EngineGroup], examples: list[EvalExample]) -> dict[tuple[int, str], tuple]:
+def reference_nll_all(
+    config: EvalConfig, groups: list[EngineGroup], dtypes: list[str], examples: list[EvalExample]
+) -> dict[tuple[int, str], tuple]:
     from finch.eval.perplexity import reference_nll
 
     nll: dict[tuple[int, str], tuple] = {}
-    for group in groups:
-        nll |= reference_nll(group, examples, served_dtype(config, group), config.use_gpu, engine_count(config))
+    for group, dtype in zip(groups, dtypes):
+        nll |= reference_nll(group, examples, dtype, config.use_gpu, engine_count(config))
     return nll
 
 
@@ -165,12 +170,9 @@ def summarize_scores(config: EvalConfig, models: list[str], scores: dict[tuple[i
         rows = [row for (_, name), row in scores.items() if name == model]
         summary[model] = {}
         for metric in config.metrics:
-            values = [row["scores"].get(metric.key) for row in rows]
-            errors = sum(metric.key in row["errors"] for row in rows)
-            summary[model][metric.key] = summarize([v for v, row in zip(values, rows) if metric.key not in row["errors"]], errors)
+            values = [row["scores"].get(metric.key) for row in rows if metric.key not in row["errors"]]
+            summary[model][metric.key] = summarize(values, errors=sum(metric.key in row["errors"] for row in rows))
             if metric.name == "perplexity":
-                from finch.eval.perplexity import perplexity
-
                 summary[model][metric.key]["mean"] = perplexity([tuple(r["reference_nll"]) for r in rows if "reference_nll" in r])
     return summary
 
@@ -245,11 +247,10 @@ def evaluate_after_training(config: RunConfig, entry: AdapterEntry) -> dict[str,
     trained with; returns the entry's scores as {'task/metric': score}."""
     scores: dict[str, float | None] = {}
     for task in config.train.eval_tasks:
-        eval_config = EvalConfig(
-            **task.model_dump(by_alias=True), models=[BASE, entry.ref], model=config.model, template=entry.manifest["template"],
-            registry_dir=config.registry_dir, output_dir=str(config.run_dir / "evals"), use_gpu=config.scale.use_gpu,
-        )
-        result = evaluate(eval_config)
+        result = evaluate(task_config(
+            task, config, models=[BASE, entry.ref], model=config.model, template=entry.manifest["template"],
+            registry_dir=config.registry_dir, output_dir=str(config.run_dir / "evals"),
+        ))
         scores |= {f"{task.name}/{metric}": value["mean"] for metric, value in result.summary[entry.ref].items()}
     return scores
 
@@ -258,7 +259,11 @@ def evaluate_checkpoints(
     task: EvalTaskConfig, run: RunConfig, model: ModelSource, template: str, adapters: dict[str, str], output_dir: Path,
 ) -> EvalResult:
     """A task for LoRA adapters that are not in the registry (a sweep's trials: name -> folder), in one engine."""
-    config = EvalConfig(**task.model_dump(by_alias=True), models=list(adapters), record=False,
-                        output_dir=str(output_dir), use_gpu=run.scale.use_gpu)
+    config = task_config(task, run, models=list(adapters), record=False, output_dir=str(output_dir))
     targets = tuple(Target(name, template, run.data.system_prompt, folder) for name, folder in adapters.items())
-    return evaluate_groups(config, [EngineGroup(model, run.model.model_copy(update={"trust_remote_code": False}), targets)])
+    return evaluate_groups(config, [EngineGroup(model, untrusted(run.model), targets)])
+
+
+def task_config(task: EvalTaskConfig, run: RunConfig, **fields: Any) -> EvalConfig:
+    """An eval task of a run config as `finch eval` takes it, on the run's kind of device."""
+    return EvalConfig(**task.model_dump(by_alias=True), use_gpu=run.scale.use_gpu, **fields)

@@ -64,7 +64,7 @@ def engine_groups(config: EvalConfig) -> list[EngineGroup]:
         groups.append(_base_group(config, adapters))
     for entry in (e for e in entries.values() if e.kind == "model"):
         folder = str(entry.path)
-        model = _untrusted(ModelConfig.model_validate(entry.manifest["config"]["model"])).model_copy(update={"path": folder})
+        model = untrusted(ModelConfig.model_validate(entry.manifest["config"]["model"])).model_copy(update={"path": folder})
         groups.append(EngineGroup(ModelSource(folder, folder), model, (_entry_target(entry),)))
     return groups
 
@@ -82,14 +82,14 @@ def _base_group(config: EvalConfig, adapters: list[AdapterEntry]) -> EngineGroup
     for entry in adapters:
         check_servable(entry, fingerprint, max_lora_rank=max(VLLM_LORA_RANKS))
     targets = [Target(BASE, resolve_template(config.template, load_tokenizer(source.folder)), None)] if BASE in config.models else []
-    return EngineGroup(source, _untrusted(model), tuple(targets + [_entry_target(e) for e in adapters]))
+    return EngineGroup(source, untrusted(model), tuple(targets + [_entry_target(e) for e in adapters]))
 
 
-def _untrusted(model: ModelConfig) -> ModelConfig:
+def untrusted(model: ModelConfig) -> ModelConfig:
     # A registry manifest is data, not a trust decision: never run model code because of it.
     return model.model_copy(update={"trust_remote_code": False})
 
 
 def _entry_target(entry: AdapterEntry) -> Target:
     adapter = str(entry.path) if entry.kind == "adapter" else ""
-    return Target(entry.ref, entry.manifest["template"], entry.manifest["config"]["data"].get("system_prompt"), adapter, entry)
+    return Target(entry.ref, entry.manifest["template"], entry.system_prompt, adapter, entry)

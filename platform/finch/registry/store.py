@@ -48,6 +48,11 @@ class AdapterEntry:
     def kind(self) -> str:
         return self.manifest.get("kind", "adapter")
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The data.system_prompt the entry was trained with."""
+        return self.manifest.get("config", {}).get("data", {}).get("system_prompt")
+
 
 def publish(
     registry_dir: str | Path, name: str, files: dict[str, Path], manifest: dict[str, Any], kind: str = "adapter"

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from finch.config import NAME_PATTERN, ServeConfig
+from finch.data.templates import with_system_prompt
 from finch.data.tokenization import prompt_token_ids
 from finch.registry.store import RegistryError
 from finch.serve.directory import ReplicaAdapters
@@ -210,9 +211,7 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
         body.refuse_unsupported()
         adapter = await route(state, body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        system_prompt = training_system_prompt(state, adapter)
-        if system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system_prompt})
+        messages = with_system_prompt(messages, state.engine.adapters[adapter].entry.system_prompt if adapter else None)
         try:
             ids = prompt_token_ids(messages, state.tokenizer, template_of(state, adapter))
         except Exception as err:  # a conversation the template cannot render
@@ -291,12 +290,6 @@ def resolve_model(state: ApiState, model: str) -> str | None:
 
 def template_of(state: ApiState, adapter: str | None) -> str:
     return state.engine.adapters[adapter].entry.manifest["template"] if adapter else state.base_template
-
-
-def training_system_prompt(state: ApiState, adapter: str | None) -> str | None:
-    if adapter is None:
-        return None
-    return state.engine.adapters[adapter].entry.manifest.get("config", {}).get("data", {}).get("system_prompt")
 
 
 def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) -> Any:
