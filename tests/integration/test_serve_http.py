@@ -123,18 +123,94 @@ def test_bad_requests_get_openai_style_4xx_errors(server):
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}), ("tools", [TOOL]),
-     ("tool_choice", "required")],
-)
+@pytest.mark.parametrize(("field", "value"), [("tools", [TOOL]), ("tool_choice", "required"), ("best_of", 3)])
 def test_fields_that_would_change_the_answer_are_refused_by_name_not_ignored(server, field, value):
     import openai
 
     api = client(server[0])
-    with pytest.raises(openai.BadRequestError, match=f"{field}: this server does not support it yet") as refused:
-        api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, **{field: value})
+    with pytest.raises(openai.BadRequestError, match=f"{field}: this server does not support it") as refused:
+        api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, extra_body={field: value})
     assert refused.value.body["code"] == "unsupported_parameter"
+
+
+def test_n_prompt_lists_and_token_prompts_answer_each_prompt_n_times(server):
+    import openai
+
+    api = client(server[0])
+    prompts = ["Once upon", "Name a colour"]
+    single = [api.completions.create(model="a1", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    batch = api.completions.create(model="a1", prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [single[0], single[0], single[1], single[1]]  # choice = prompt * n + j
+    tokenizer = make_tokenizer()
+    assert batch.usage.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    as_ids = api.completions.create(model="a1", prompt=tokenizer(prompts[1])["input_ids"], max_tokens=6, temperature=0)
+    assert as_ids.choices[0].text == single[1]
+    streamed: dict[int, str] = {}
+    for chunk in api.completions.create(model="a1", prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert streamed == {0: single[0], 1: single[1]}
+    sampled = api.chat.completions.create(model="a1", messages=QUESTION, n=3, max_tokens=8, temperature=1.0, seed=5)
+    assert len({c.message.content for c in sampled.choices}) > 1  # n samples, not one answer copied
+    with pytest.raises(openai.BadRequestError, match="n: 2 prompts x n=100"):
+        api.completions.create(model="a1", prompt=prompts, n=100, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="prompt: token ids"):
+        api.completions.create(model="a1", prompt=[10**7], max_tokens=2)
+
+
+def test_logprobs_are_the_models_own_log_probabilities(server):
+    import torch
+
+    url, _, adapters, model_dir = server
+    api = client(url)
+    reply = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.top_logprobs[-1].logprob for e in entries)
+    assert all(abs(e.logprob - e.top_logprobs[0].logprob) < 1e-4 for e in entries)  # greedy takes the most likely
+    tokenizer = make_tokenizer()
+    prompt = prompt_token_ids(QUESTION, tokenizer, "chat")
+    first = tokenizer(entries[0].token, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        logits = load_reference(model_dir, adapters["a1"])(torch.tensor([prompt])).logits[0, -1]
+    assert entries[0].logprob == pytest.approx(torch.log_softmax(logits, -1)[first].item(), abs=1e-3)
+    legacy = api.completions.create(model="base", prompt="Once upon", max_tokens=4, temperature=0, logprobs=2, stream=True)
+    chunks = [c.choices[0] for c in legacy if c.choices]
+    assert "".join(t for c in chunks if c.logprobs for t in c.logprobs.tokens) == "".join(c.text for c in chunks)
+
+
+COLOUR_SCHEMA = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]},
+                                                  "shade": {"type": "integer", "minimum": 1, "maximum": 9}},
+                 "required": ["colour", "shade"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_answers_match_the_schema(server):
+    import json
+
+    import jsonschema
+    import openai
+
+    api = client(server[0])
+    response_format = {"type": "json_schema", "json_schema": {"name": "colour", "schema": COLOUR_SCHEMA}}
+    for model in ("base", "a1"):
+        reply = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=30, temperature=0, response_format=response_format)
+        jsonschema.validate(json.loads(reply.choices[0].message.content), COLOUR_SCHEMA)
+        streamed = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=30, temperature=1.0, seed=1, n=2,
+                                               response_format=response_format, stream=True)
+        texts: dict[int, str] = {}
+        for chunk in streamed:
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+        for text in texts.values():
+            jsonschema.validate(json.loads(text), COLOUR_SCHEMA)
+    free = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, temperature=0).choices[0].message.content
+    as_json = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, temperature=0,
+                                          response_format={"type": "json_object"}).choices[0].message.content
+    assert as_json.startswith("{") and not free.startswith("{")
+    with pytest.raises(openai.UnprocessableEntityError, match="response_format.json_schema.*not a valid JSON schema"):
+        api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4,
+                                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}})
 
 
 def test_penalties_and_logit_bias_change_the_answer_as_asked(server):
@@ -169,7 +245,7 @@ def test_text_parts_and_fields_set_to_their_no_op_values_are_served(server):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
     with pytest.raises(openai.UnprocessableEntityError, match="messages.0.content"):
         api.chat.completions.create(model="a1", messages=image, max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="echo: this server does not support it yet"):
+    with pytest.raises(openai.BadRequestError, match="echo: this server does not support it"):
         api.completions.create(model="base", prompt="Once upon", max_tokens=4, echo=True)
 
 

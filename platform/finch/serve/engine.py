@@ -211,6 +211,9 @@ def engine_arguments(settings: EngineConfig, model_path: str, dtype: str, gpus: 
         # the LM head gets one too, and every request then pays a LoRA product over the whole
         # vocabulary (262k for Gemma) at every step.
         lora_target_modules=sorted(SERVABLE_MODULES),
+        # response_format's JSON: xgrammar runs on CPU and GPU. Without free whitespace between
+        # tokens, a model cannot fill its token budget with blanks inside a JSON value.
+        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
     )
     if gpus > 1:
         # One vLLM worker per GPU, placed by Ray in the bundles of the replica's placement group.

@@ -18,7 +18,7 @@ import uuid
 from importlib import resources
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,98 +32,23 @@ from finch.data.tokenization import prompt_token_ids
 from finch.registry.store import RegistryError
 from finch.serve.directory import ReplicaAdapters
 from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, ServingEngine
+from finch.serve.protocol import (
+    MAX_CHOICES,
+    Answers,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    delta_choice,
+    final_choice,
+    usage,
+)
 
 BASE_MODEL = "base"
 # Ray Serve writes this logger to the replica's log file, tagged with the request id.
 logger = logging.getLogger("ray.serve")
 # The chat page loads nothing from elsewhere and may not be framed by other sites.
 CHAT_PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.code = status, kind, code
-
-
-class TextPart(BaseModel):
-    type: Literal["text"] = Field(description="Only text parts: this server serves text models.")
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart]
-
-    @property
-    def text(self) -> str:
-        """The content as one string; text parts joined by newlines, as vLLM's server joins them."""
-        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-# OpenAI fields that change the answer and that this server does not carry out yet, with the value
-# that means "not used": a request that sets one otherwise is refused naming it, never answered as
-# if it had not been sent.
-NOT_YET_HONOURED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "suffix": (None, ""),
-}
-
-
-class SamplingRequest(BaseModel):
-    # Fields that do not change the answer (user, metadata, store, ...) are accepted and ignored;
-    # those that do and are not carried out yet are refused by name (refuse_unsupported).
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    n: Literal[1] = Field(1, description="One answer per request (n above 1 is not served yet).")
-    # OpenAI's ranges; vLLM would take wider ones.
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
-
-    def checked_logit_bias(self, vocab_size: int) -> dict[int, float] | None:
-        """logit_bias, refused here (400 naming the token) rather than by vLLM once a stream has begun."""
-        for token, bias in (self.logit_bias or {}).items():
-            if not 0 <= token < vocab_size:
-                raise ApiError(400, f"logit_bias: token id {token} is not in the vocabulary (0-{vocab_size - 1})", code="invalid_parameters")
-            if not -100 <= bias <= 100:
-                raise ApiError(400, f"logit_bias: bias {bias} for token {token} is outside [-100, 100]", code="invalid_parameters")
-        return self.logit_bias or None
-
-    def refuse_unsupported(self) -> None:
-        sent = self.model_extra or {}
-        for field, unused in NOT_YET_HONOURED.items():
-            if field in sent and sent[field] not in unused:
-                raise ApiError(400, f"{field}: this server does not support it yet; leave it out", code="unsupported_parameter")
-
-
-class ChatRequest(SamplingRequest):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(SamplingRequest):
-    prompt: str = Field(description="One prompt (lists of prompts are not served yet).")
 
 
 class LoadRequest(BaseModel):
@@ -216,14 +141,15 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
             ids = prompt_token_ids(messages, state.tokenizer, template_of(state, adapter))
         except Exception as err:  # a conversation the template cannot render
             raise ApiError(400, f"cannot render these messages: {err}") from None
-        return await respond(state, body, adapter, ids, chat=True)
+        return await respond(state, body, adapter, [ids], chat=True)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
         body.refuse_unsupported()
         adapter = await route(state, body.model)
-        ids = state.tokenizer(body.prompt)["input_ids"]
-        return await respond(state, body, adapter, ids, chat=False)
+        prompts = [checked_token_ids(p, len(state.tokenizer)) if isinstance(p, list) else state.tokenizer(p)["input_ids"]
+                   for p in body.prompt_list()]
+        return await respond(state, body, adapter, prompts, chat=False)
 
     @app.get("/admin/adapters", dependencies=guarded)
     async def list_served() -> dict[str, Any]:
@@ -293,8 +219,7 @@ def template_of(state: ApiState, adapter: str | None) -> str:
 
 
 def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) -> Any:
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.exceptions import VLLMClientError
 
     limits = state.config
     room = limits.engine.max_model_len - prompt_length
@@ -305,90 +230,151 @@ def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) 
         raise ApiError(422, f"max_tokens {requested} is above this server's limit of {limits.server.max_tokens_limit}", code="invalid_parameters")
     if requested is not None and requested > room:
         raise ApiError(400, f"prompt ({prompt_length}) + max_tokens ({requested}) exceed the context of {limits.engine.max_model_len} tokens", code="context_length_exceeded")
+    try:
+        return vllm_sampling_params(state, body, requested or min(room, limits.server.max_tokens_limit))
+    except VLLMClientError as err:  # a combination vLLM refuses
+        raise ApiError(400, str(err), code="invalid_parameters") from None
+
+
+def vllm_sampling_params(state: ApiState, body: SamplingRequest, max_tokens: int) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
     return SamplingParams(
         temperature=body.temperature,
         top_p=body.top_p,
-        max_tokens=requested or min(room, limits.server.max_tokens_limit),
+        max_tokens=max_tokens,
         stop=body.stop,
         seed=body.seed,
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
         logit_bias=body.checked_logit_bias(len(state.tokenizer)),
         stop_token_ids=state.stop_token_ids,
+        n=body.n if body.temperature > 0 else 1,  # see protocol.Answers
+        logprobs=body.alternatives(),
+        structured_outputs=body.response_format.structured_outputs() if body.response_format else None,
         output_kind=RequestOutputKind.DELTA,
     )
 
 
-async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, ids: list[int], chat: bool):
-    if not ids:  # vLLM fails an empty prompt deep inside the engine
+def checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+    """A prompt sent as token ids, refused here (400) rather than by vLLM if an id is out of range."""
+    if any(not 0 <= token < vocab_size for token in ids):
+        raise ApiError(400, f"prompt: token ids must be in 0-{vocab_size - 1}", code="invalid_parameters")
+    return ids
+
+
+async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, prompts: list[list[int]], chat: bool):
+    """Generate `body.n` answers for each prompt; a JSON answer or, with `stream`, server-sent events."""
+    from vllm.exceptions import VLLMClientError
+
+    if any(not ids for ids in prompts):  # vLLM fails an empty prompt deep inside the engine
         raise ApiError(400, "the prompt is empty", code="empty_prompt")
-    params = sampling_params(state, body, len(ids))
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise ApiError(400, f"n: {len(prompts)} prompts x n={body.n} answers is over {MAX_CHOICES} per request", code="invalid_parameters")
+    params = [sampling_params(state, body, len(ids)) for ids in prompts]
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    outputs = state.engine.generate(ids, params, adapter, request_id)
+    answers = Answers(len(prompts), body.n, params[0].n, body.alternatives())
+    outputs = merged_outputs(state.engine, prompts, params, adapter, request_id)
+    prompt_tokens = sum(len(ids) for ids in prompts)
     timeout = state.config.server.request_timeout_s
-    if body.stream:
-        return StreamingResponse(stream_events(outputs, body, request_id, chat, timeout), media_type="text/event-stream")
-    text, finish, completion_tokens = [], None, 0
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
-            async for output in outputs:
-                piece = output.outputs[0]
-                text.append(piece.text)
-                completion_tokens += len(piece.token_ids)
-                finish = piece.finish_reason or finish
+        # A stream starts once the first output is in: what the engine refuses is still a 4xx.
+        async with asyncio.timeout_at(deadline):
+            first = await anext(outputs)
+        if body.stream:
+            events = stream_events(outputs, first, answers, body, request_id, chat, deadline, prompt_tokens)
+            return StreamingResponse(events, media_type="text/event-stream")
+        async with asyncio.timeout_at(deadline), contextlib.aclosing(outputs):
+            answers.take(*first)
+            async for item in outputs:
+                answers.take(*item)
     except TimeoutError:
+        await outputs.aclose()
         raise ApiError(504, f"generation took longer than {timeout} s", "timeout_error", "timeout") from None
     except RegistryError as err:  # the adapter was unloaded between routing and generation
         raise ApiError(404, str(err), code="model_not_found") from None
-    usage = {"prompt_tokens": len(ids), "completion_tokens": completion_tokens, "total_tokens": len(ids) + completion_tokens}
-    answer = "".join(text)
-    choice = {"index": 0, "finish_reason": finish}
-    choice |= {"message": {"role": "assistant", "content": answer}} if chat else {"text": answer}
+    except VLLMClientError as err:  # what the engine refuses in this request
+        raise ApiError(400, str(err), code="invalid_parameters") from None
     return {
         "id": request_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": body.model,
-        "choices": [choice],
-        "usage": usage,
+        "choices": [final_choice(choice, chat) for choice in answers.choices],
+        "usage": usage(prompt_tokens, answers.completion_tokens),
     }
 
 
-async def stream_events(outputs: AsyncIterator[Any], body: SamplingRequest, request_id: str, chat: bool, timeout: float):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+async def merged_outputs(engine: ServingEngine, prompts: list[list[int]], params: list[Any], adapter: str | None,
+                         request_id: str) -> AsyncIterator[tuple[int, Any]]:
+    """(prompt index, vLLM output) from one engine request per prompt, as they come. Closing this
+    generator cancels the requests still running (vLLM aborts them)."""
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        try:
+            async for output in engine.generate(prompts[index], params[index], adapter, f"{request_id}-{index}"):
+                await queue.put((index, output, None))
+            await queue.put((index, None, None))
+        except Exception as err:  # handed to the consumer, which raises it
+            await queue.put((index, None, err))
+
+    tasks = [asyncio.create_task(pump(index)) for index in range(len(prompts))]
+    try:
+        running = len(tasks)
+        while running:
+            index, output, error = await queue.get()
+            if error is not None:
+                raise error
+            if output is None:
+                running -= 1
+            else:
+                yield index, output
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def stream_events(outputs: AsyncIterator[tuple[int, Any]], first: tuple[int, Any], answers: Answers,
+                        body: SamplingRequest, request_id: str, chat: bool, deadline: float, prompt_tokens: int):
+    """Server-sent events in OpenAI's chunk format, one choice per chunk, ending with `data: [DONE]`."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
+    def event(choice: dict[str, Any] | None, counts: dict[str, int] | None = None) -> str:
         chunk = {"id": request_id, "object": kind, "created": created, "model": body.model, "choices": [choice] if choice else []}
-        if usage is not None:
-            chunk["usage"] = usage
+        if counts is not None:
+            chunk["usage"] = counts
         return f"data: {json.dumps(chunk)}\n\n"
 
+    def events(item: tuple[int, Any]) -> list[str]:
+        return [event(delta_choice(choice, text, entries, chat)) for choice, text, entries in answers.take(*item)
+                if text or entries or choice.finish_reason]
+
     if chat:
-        yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    prompt_tokens = completion_tokens = 0
-    deadline = asyncio.get_running_loop().time() + timeout
-    stream = aiter(outputs)
-    try:
-        while True:
-            # The deadline covers waiting for vLLM only. A timeout around the yields too would fire
-            # while this generator is suspended in Starlette's send and cancel the response there,
-            # cutting the stream without the error event and [DONE].
-            async with asyncio.timeout_at(deadline):
-                output = await anext(stream, None)
-            if output is None:
-                break
-            piece = output.outputs[0]
-            prompt_tokens = len(output.prompt_token_ids or [])
-            completion_tokens += len(piece.token_ids)
-            content = {"delta": {"content": piece.text}} if chat else {"text": piece.text}
-            if piece.text or piece.finish_reason:
-                yield event({"index": 0, **content, "finish_reason": piece.finish_reason})
-    except TimeoutError:
-        yield f"data: {json.dumps({'error': {'message': f'generation took longer than {timeout} s', 'type': 'timeout_error', 'code': 'timeout'}})}\n\n"
+        for choice in answers.choices:
+            yield event({"index": choice.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    async with contextlib.aclosing(outputs) as stream:
+        for chunk in events(first):
+            yield chunk
+        try:
+            while True:
+                # The deadline covers waiting for vLLM only. A timeout around the yields too would fire
+                # while this generator is suspended in Starlette's send and cancel the response there,
+                # cutting the stream without the error event and [DONE].
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(stream, None)
+                if item is None:
+                    break
+                for chunk in events(item):
+                    yield chunk
+        except TimeoutError:
+            timeout = {"message": "generation took longer than the server's request_timeout_s", "type": "timeout_error", "code": "timeout"}
+            yield f"data: {json.dumps({'error': timeout})}\n\n"
     if body.stream_options and body.stream_options.include_usage:
-        yield event(None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
+        yield event(None, usage(prompt_tokens, answers.completion_tokens))
     yield "data: [DONE]\n\n"
 
 

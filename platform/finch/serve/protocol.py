@@ -1,0 +1,266 @@
+"""OpenAI's request and response shapes, and how they map to vLLM: the requests finch accepts
+(chat and text completions), their sampling parameters, and the choices, logprobs and stream
+chunks it answers with.
+
+Every field that changes the answer is carried out or refused by name (a 400 naming it); fields
+that do not (user, metadata, store, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Choices one request may ask for (prompts x n): each is a sequence in vLLM's batch.
+MAX_CHOICES = 128
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.code = status, kind, code
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = Field(description="Only text parts: this server serves text models.")
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        """The content as one string; text parts joined by newlines, as vLLM's server joins them."""
+        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema every answer must match.")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _is_a_schema(self) -> JsonSchemaFormat:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(self.schema_).check_schema(self.schema_)
+        except jsonschema.SchemaError as err:
+            raise ValueError(f"not a valid JSON schema: {err.message}") from None
+        return self
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and only then")
+        return self
+
+    def structured_outputs(self) -> Any:
+        """vLLM's constraint for this format (None: free text)."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if self.type == "json_schema":
+            return StructuredOutputsParams(json=self.json_schema.schema_)
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        return None
+
+
+# OpenAI fields that change the answer and that this server does not carry out, with the values
+# that mean "not used": a request that sets one otherwise is refused naming it, never answered as
+# if it had not been sent.
+NOT_HONOURED = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Answers per prompt.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    # OpenAI's ranges; vLLM would take wider ones.
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
+    response_format: ResponseFormat | None = None
+
+    def alternatives(self) -> int | None:
+        """How many alternatives to report with each answer token's log-probability (None: no logprobs)."""
+        raise NotImplementedError
+
+    def checked_logit_bias(self, vocab_size: int) -> dict[int, float] | None:
+        """logit_bias, refused here (400 naming the token) rather than by vLLM once a stream has begun."""
+        for token, bias in (self.logit_bias or {}).items():
+            if not 0 <= token < vocab_size:
+                raise ApiError(400, f"logit_bias: token id {token} is not in the vocabulary (0-{vocab_size - 1})", code="invalid_parameters")
+            if not -100 <= bias <= 100:
+                raise ApiError(400, f"logit_bias: bias {bias} for token {token} is outside [-100, 100]", code="invalid_parameters")
+        return self.logit_bias or None
+
+    def refuse_unsupported(self) -> None:
+        sent = self.model_extra or {}
+        for name, unused in NOT_HONOURED.items():
+            if name in sent and sent[name] not in unused:
+                raise ApiError(400, f"{name}: this server does not support it; leave it out", code="unsupported_parameter")
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def alternatives(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs set to true", code="invalid_parameters")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A prompt, a list of prompts, or prompts as token ids; each gets n answers."
+    )
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def alternatives(self) -> int | None:
+        return self.logprobs
+
+    def prompt_list(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
+
+
+@dataclass
+class Choice:
+    """One answer as it comes out of vLLM, delta by delta."""
+
+    index: int
+    alternatives: int | None
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, piece: Any) -> tuple[str, list[dict[str, Any]]]:
+        """Take a vLLM CompletionOutput delta; returns its text and logprob entries."""
+        entries = logprob_entries(piece, self.alternatives) if self.alternatives is not None else []
+        self.text.append(piece.text)
+        self.tokens += len(piece.token_ids)
+        self.finish_reason = piece.finish_reason or self.finish_reason
+        self.logprobs.extend(entries)
+        return piece.text, entries
+
+
+class Answers:
+    """The choices of one request, filled from the vLLM outputs of its prompts.
+
+    OpenAI numbers choices prompt by prompt: prompt i's answer j is choice i * n + j. A greedy
+    request computes one answer per prompt and copies it n times: vLLM refuses n above 1 when
+    greedy, and n greedy answers are the same answer.
+    """
+
+    def __init__(self, prompts: int, n: int, samples: int, alternatives: int | None):
+        self.n, self.copies = n, n // samples
+        self.choices = [Choice(index, alternatives) for index in range(prompts * n)]
+
+    def take(self, prompt_index: int, output: Any) -> list[tuple[Choice, str, list[dict[str, Any]]]]:
+        """Add one vLLM output's deltas; returns each choice it changed, with the new text and logprobs."""
+        changed = []
+        for piece in output.outputs:
+            first = prompt_index * self.n + piece.index * self.copies
+            for choice in self.choices[first : first + self.copies]:
+                changed.append((choice, *choice.add(piece)))
+        return changed
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.tokens for choice in self.choices)
+
+
+def logprob_entries(piece: Any, alternatives: int) -> list[dict[str, Any]]:
+    """OpenAI's chat logprobs, one entry per answer token: the token, its log-probability and the
+    `alternatives` most likely tokens at that step. vLLM returns the top tokens plus the sampled one,
+    keyed by id, with their rank."""
+    entries = []
+    for token_id, candidates in zip(piece.token_ids, piece.logprobs or []):
+        chosen = candidates[token_id]
+        top = sorted((c for c in candidates.values() if c.rank <= alternatives), key=lambda c: c.rank)
+        entries.append(token_entry(chosen) | {"top_logprobs": [token_entry(c) for c in top]})
+    return entries
+
+
+def token_entry(candidate: Any) -> dict[str, Any]:
+    token = candidate.decoded_token or ""
+    return {"token": token, "logprob": max(candidate.logprob, -9999.0), "bytes": list(token.encode())}
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"content": entries}
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions layout: parallel lists, text offsets counted from `offset`."""
+    offsets, position = [], offset
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def final_choice(choice: Choice, chat: bool) -> dict[str, Any]:
+    answer = "".join(choice.text)
+    body: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason}
+    body |= {"message": {"role": "assistant", "content": answer}} if chat else {"text": answer}
+    if choice.alternatives is not None:
+        body["logprobs"] = chat_logprobs(choice.logprobs) if chat else completion_logprobs(choice.logprobs)
+    else:
+        body["logprobs"] = None
+    return body
+
+
+def delta_choice(choice: Choice, text: str, entries: list[dict[str, Any]], chat: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason}
+    body |= {"delta": {"content": text}} if chat else {"text": text}
+    if choice.alternatives is not None:
+        done = len(choice.logprobs) - len(entries)
+        body["logprobs"] = chat_logprobs(entries) if chat else completion_logprobs(entries, sum(len(e["token"]) for e in choice.logprobs[:done]))
+    return body
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
