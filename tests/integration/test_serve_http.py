@@ -43,7 +43,8 @@ def server(ray_local, tmp_path_factory, tiny_serving_model_dir, monkeypatch_modu
             "template": "chat",
             "registry_dir": str(registry),
             "adapters": ["a1"],
-            "engine": {"max_model_len": 128, "max_loras": 3, "max_lora_rank": 8},
+            "on_demand": ["od-*"],
+            "engine": {"max_model_len": 128, "max_loras": 3, "max_lora_rank": 8, "max_cpu_loras": 5},
             # two replicas: admin changes must reach both
             "server": {"port": free_port(), "max_tokens_limit": 64, "request_timeout_s": 60, "num_replicas": 2,
                        "cpus_per_replica": 0.5, "adapter_sync_s": 0.5},
@@ -285,6 +286,40 @@ def test_adapters_load_reload_and_unload_under_traffic(server):
         listed = admin.get("/admin/adapters").json()
         assert [(a["name"], a["ref"]) for a in listed["adapters"]] == [("a1", "a1@v2")]
     assert len(set(listed["replica_versions"].values())) == 1  # every replica on the same adapter set
+
+
+def test_registry_adapters_are_served_on_demand_with_new_versions_and_no_admin_calls(server):
+    import openai
+
+    url, registry, adapters, model_dir = server
+    api = client(url)
+    folder = adapters["a1"].parent
+    for name, seed, options in (("od-1", 21, {}), ("od-2", 22, {}), ("od-1v2", 23, {}), ("od-wide", 24, {"r": 16})):
+        adapters[name] = make_adapter(model_dir, folder / name, seed, **options)
+    for name in ("od-1", "od-2", "od-wide"):
+        register(registry, name, adapters[name], model_dir)
+
+    def ask(model: str) -> str:
+        return api.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0).choices[0].message.content
+
+    listed = {m.id for m in api.models.list().data}
+    assert {"od-1", "od-2"} <= listed and "od-wide" not in listed  # rank 16 > engine.max_lora_rank
+    expected = {name: reference_answers(model_dir, adapters[name], 8) for name in ("od-1", "od-2", "od-1v2")}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # a cold adapter, many requests at once
+        answers = list(pool.map(lambda model: ask(model), ["od-1"] * 4 + ["od-2"] * 2))
+    assert set(answers[:4]) <= expected["od-1"] and set(answers[4:]) <= expected["od-2"]
+    register(registry, "od-1", adapters["od-1v2"], model_dir)
+    time.sleep(1.0)  # server.adapter_sync_s: how long "od-1" may still mean v1
+    assert {ask("od-1") for _ in range(4)} <= expected["od-1v2"]  # the new version, with no admin call
+    assert ask("od-1@v1") in expected["od-1"]
+    with pytest.raises(openai.ConflictError, match="rank 16"):
+        ask("od-wide")
+    with pytest.raises(openai.NotFoundError, match="no version 7"):
+        ask("od-2@v7")
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        ask("a2")  # in the registry, but neither pinned nor matching on_demand
+    on_demand = httpx.get(f"{url}/admin/adapters", headers={"Authorization": f"Bearer {API_KEY}"}).json()["on_demand"]
+    assert on_demand["loads"] >= 1 and set(on_demand["cached"]) <= {"od-1@v1", "od-1@v2", "od-2@v1"}
 
 
 def test_chat_page_streams_answers_and_compares_two_models(server, tmp_path):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finch.config import ConfigError, ModelConfig, validate_config
-from finch.registry.store import AdapterEntry, RegistryError
+from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
 
 # Only these files are fetched from the hub: safetensors weights, never pickled .bin files.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*", "*.txt"]
@@ -100,6 +100,11 @@ def _folder_on_this_node(source: ModelSource) -> str:
 
 def resolve_model_source(model: ModelConfig) -> ModelSource:
     """Resolve `model.path` here, on the driver, and pin what the other nodes must load."""
+    if model.registry_ref is not None:
+        raise ConfigError(
+            f"model.path {model.path!r}: only `finch serve` resolves registry entries as the model; elsewhere give "
+            "the entry's folder (REGISTRY/NAME/vN), or list it in `finch eval`'s models"
+        )
     folder = resolve_model_path(model.path, model.revision)
     is_hub = not model.path.startswith("pypi://") and not Path(model.path).is_dir()
     # snapshot_download's folders are named by commit: .../snapshots/<commit>
@@ -124,3 +129,32 @@ def trained_base_source(entries: list[AdapterEntry]) -> ModelSource:
     if fingerprint_model_folder(source.folder) not in bases:
         raise RegistryError(f"base model at {source.folder} is not the one {entries[0].ref} was trained on (fingerprint differs)")
     return source
+
+
+def resolve_served_model(model: ModelConfig, registry_dir: str | Path) -> tuple[ModelSource, AdapterEntry | None]:
+    """`finch serve`'s base model: `model.path` as resolve_model_source takes it, or the fully
+    fine-tuned entry of `registry_dir` that 'registry:NAME[@vN]' names (the latest version without
+    @vN, pinned here for every replica), returned too: its prompt template and system prompt go with it."""
+    if model.registry_ref is None:
+        return resolve_model_source(model), None
+    try:
+        entry = resolve_adapter(registry_dir, model.registry_ref)
+    except RegistryError as err:
+        raise ConfigError(f"model.path {model.path!r}: {err} (`finch registry list --registry {registry_dir}` lists its entries)") from None
+    if entry.kind != "model":
+        raise ConfigError(
+            f"model.path {model.path!r}: {entry.ref} is a LoRA adapter, not a fully fine-tuned model: serve its base model "
+            f"({entry.manifest.get('base_model', {}).get('id', 'the one it was trained on')}) as model.path and put "
+            f"{entry.ref} in adapters"
+        )
+    return registry_model_source(entry), entry
+
+
+def registry_model_source(entry: AdapterEntry) -> ModelSource:
+    """A fully fine-tuned registry entry as a model: its own folder, which every node reads from the
+    registry (shared storage, as for adapters)."""
+    # vLLM reads *.safetensors whenever a folder has any, and publish never registers pickled weights.
+    if not any(entry.path.glob("*.safetensors")):
+        raise RegistryError(f"{entry.ref} has no *.safetensors weights at {entry.path} (finch loads safetensors only)")
+    folder = str(entry.path)
+    return ModelSource(folder, folder)

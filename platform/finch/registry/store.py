@@ -134,10 +134,14 @@ def record_scores(entry: AdapterEntry, dataset_fingerprint: str, record: dict[st
     return manifest
 
 
+def adapter_names(registry_dir: str | Path) -> list[str]:
+    root = Path(registry_dir)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)) if root.exists() else []
+
+
 def list_adapters(registry_dir: str | Path) -> list[AdapterEntry]:
     root = Path(registry_dir)
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)) if root.exists() else []
-    return [resolve_adapter(root, f"{name}@v{v}") for name in names for v in _versions(root / name)]
+    return [resolve_adapter(root, f"{name}@v{v}") for name in adapter_names(root) for v in _versions(root / name)]
 
 
 def _versions(root: Path) -> list[int]:

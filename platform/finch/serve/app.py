@@ -2,7 +2,9 @@
 
 One deployment, its own `@serve.deployment` around vLLM's async engine (Ray's `ray.serve.llm`
 needs the CUDA vLLM build and cloud-storage adapter paths; see DESIGN.md). Each replica holds the
-base model and loads registry adapters on demand from the admin routes.
+base model and loads registry adapters on demand from the admin routes. The base model may itself
+be a fully fine-tuned registry entry (model.path 'registry:NAME[@vN]'), served in its trained
+template; adapters trained on that entry serve on it like on any base.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from ray import serve
 
 from finch.config import ConfigError, ServeConfig, validate_config
 from finch.memory import serving_memory
-from finch.models.source import ModelSource, resolve_model_source
+from finch.models.source import ModelSource, resolve_served_model
 from finch.precision import Device, device_of_workers
+from finch.registry.store import AdapterEntry, resolve_adapter
 from finch.runtime import cache_root
 from finch.serve.directory import ReplicaAdapters, open_directory, remove_directory
 
@@ -28,10 +31,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class FinchServer:
     """A replica: the engine plus the FastAPI app, which Ray Serve drives as its ASGI ingress."""
 
-    def __init__(self, config: dict[str, Any], model: ModelSource, initial_adapters: dict[str, str], api_key: str | None):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        model: ModelSource,
+        base_entry: AdapterEntry | None,
+        initial_adapters: dict[str, str],
+        api_key: str | None,
+    ):
         from finch.chat import stop_token_ids
         from finch.data.pipeline import load_tokenizer
-        from finch.data.templates import resolve_template
         from finch.precision import detect_device, sixteen_bit_type
         from finch.serve.engine import ServingEngine
         from finch.serve.openai_api import ApiState, build_api
@@ -45,7 +54,8 @@ class FinchServer:
         if dtype == "auto":
             dtype = sixteen_bit_type(detect_device(self.config.server.gpus_per_replica > 0))
         self.engine = ServingEngine.start(
-            self.config.engine, model_path, self.config.registry_dir, zero_adapters, dtype, self.config.server.gpus_per_replica
+            self.config.engine, model_path, self.config.registry_dir, zero_adapters, dtype, self.config.server.gpus_per_replica,
+            on_demand=self.config.on_demand, latest_ttl_s=self.config.server.adapter_sync_s,
         )
         replica = serve.get_replica_context().replica_id.unique_id
         directory = open_directory(self.config.name, initial_adapters)
@@ -57,9 +67,10 @@ class FinchServer:
             engine=self.engine,
             shared=self.shared,
             tokenizer=tokenizer,
-            base_template=resolve_template(self.config.template, tokenizer),
+            base_template=base_template(self.config.template, base_entry, tokenizer),
             stop_token_ids=stop_token_ids(model_path, tokenizer),
             api_key=api_key,
+            base_system_prompt=base_entry.system_prompt if base_entry else None,
         )
         self.api = build_api(state, on_startup=self.load_adapters)
 
@@ -73,13 +84,21 @@ class FinchServer:
         return self.api
 
 
+def base_template(template: str, base_entry: AdapterEntry | None, tokenizer: Any) -> str:
+    """The base model's prompt template: a registry fine-tune's trained one, unless the config names one."""
+    from finch.data.templates import resolve_template
+
+    if base_entry is not None and template == "auto":
+        return base_entry.manifest["template"]
+    return resolve_template(template, tokenizer)
+
+
 def api_key_of(config: ServeConfig) -> str | None:
     return os.environ.get(config.server.api_key_env) or None
 
 
-def build_application(config: ServeConfig, model: ModelSource) -> Any:
-    from finch.registry.store import resolve_adapter
-
+def build_application(config: ServeConfig, model: ModelSource, base_entry: AdapterEntry | None = None) -> Any:
+    """The deployment, bound; `base_entry`: the registry entry `model` is, for a served full fine-tune."""
     server = config.server
     api_key = api_key_of(config)
     if server.host not in LOOPBACK and api_key is None:
@@ -99,7 +118,7 @@ def build_application(config: ServeConfig, model: ModelSource) -> Any:
     # Resolved here, once: every replica loads the same versions, and a missing adapter fails now.
     entries = [resolve_adapter(config.registry_dir, ref) for ref in config.adapters]
     initial_adapters = {entry.name: entry.ref for entry in entries}
-    return deployment.bind(config.model_dump(mode="json"), model, initial_adapters, api_key)
+    return deployment.bind(config.model_dump(mode="json"), model, base_entry, initial_adapters, api_key)
 
 
 def replica_resources(config: ServeConfig) -> dict[str, Any]:
@@ -123,12 +142,14 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
     """Start Ray Serve on config.server.host:port and deploy; returns the base URL."""
     from finch.runtime import init_ray
 
-    model = resolve_model_source(config.model)
+    model, base_entry = resolve_served_model(config.model, config.registry_dir)
+    if base_entry is not None:
+        print(f"finch: base model {base_entry.ref}, fully fine-tuned, from {base_entry.path}", flush=True)
     init_ray()
     device = device_of_workers(config.server.gpus_per_replica > 0)
     config = with_served_dtype(config, device)
     check_serving_memory(config, model, device)
-    application = build_application(config, model)
+    application = build_application(config, model, base_entry)
     # The proxy's own timeout is a backstop: finch's answers first, with a JSON 504 (openai_api.respond).
     proxy_timeout_s = config.server.request_timeout_s + 10
     serve.start(http_options={"host": config.server.host, "port": config.server.port, "request_timeout_s": proxy_timeout_s})

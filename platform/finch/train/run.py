@@ -56,6 +56,7 @@ class RunExistsError(FileExistsError):
 
 
 def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> AdapterEntry:
+    announce_dora(config)
     run_dir = prepare_run_dir(config, overwrite, resume)
     device = workers_device(config.scale)
     print_precision(training_precision(config, device))
@@ -86,6 +87,27 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
         tracker.finish([run_dir / "loss.png", run_dir / "config.json"])
         console.print(f"finch: metrics in MLflow at {tracker.uri} (run {tracker.run_id})")
     return entry
+
+
+def announce_dora(config: RunConfig) -> None:
+    """DoRA adapters train, chat and export, but vLLM does not serve them: say so before training
+    rather than when `finch serve` refuses the result, and refuse train.eval_tasks, which score on vLLM."""
+    if config.train.method == "full" or not config.lora.use_dora:
+        return
+    alternative = (
+        f"`finch export {config.name} --output exports/{config.name}` merges it into a full model; serve or evaluate "
+        "that folder as model.path (with the template it trained in, named in its finch_export.json)"
+    )
+    if config.train.eval_tasks:
+        raise ConfigError(
+            f"lora.use_dora with train.eval_tasks: the tasks run on vLLM, which does not serve DoRA adapters; "
+            f"drop train.eval_tasks, then {alternative}"
+        )
+    console.print(
+        f"[yellow]finch: notice: lora.use_dora: vLLM does not serve DoRA adapters, so `finch serve` and `finch eval` "
+        f"will refuse {config.name}; {alternative}. `finch chat` runs the adapter as it is.[/]",
+        highlight=False,
+    )
 
 
 def workers_device(scale: ScaleConfig) -> Device:
