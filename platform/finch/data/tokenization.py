@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finch.data.readers import DatasetError
-from finch.data.templates import Segment, render_prompt, render_sample
+from finch.data.templates import Segment, render_prompt, render_sample, special_token_pattern, text_segment
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
@@ -34,16 +34,59 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, max_length: int) 
     labels: list[int] = []
     # Segments are encoded without special tokens, so BOS is added here where the tokenizer would
     # add it, unless the text already starts with it (chat templates that write BOS themselves).
-    if adds_bos(tokenizer) and not (segments and segments[0].text.startswith(tokenizer.bos_token)):
+    if adds_bos(tokenizer) and not (segments and _template_writes_bos(segments[0], tokenizer)):
         input_ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
     for segment in segments:
-        ids = tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+        ids = encode_segment(segment, tokenizer)
         if segment.eos_after:
             ids = ids + [tokenizer.eos_token_id]
         input_ids.extend(ids)
         labels.extend(ids if segment.trainable else [IGNORE_INDEX] * len(ids))
     return TokenizedExample(input_ids[:max_length], labels[:max_length], len(input_ids))
+
+
+def _template_writes_bos(segment: Segment, tokenizer: Any) -> bool:
+    """The text starts with BOS and the template wrote it (a user's "<bos>" is only text)."""
+    user_bos = segment.user_special_spans[:1] == ((0, len(tokenizer.bos_token)),)
+    return segment.text.startswith(tokenizer.bos_token) and not user_bos
+
+
+def encode_segment(segment: Segment, tokenizer: Any) -> list[int]:
+    """Token ids of a segment; special token strings that users wrote become plain text tokens."""
+    if not segment.user_special_spans:
+        return tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for start, end, as_text in _pieces(segment, tokenizer):
+        # split_special_tokens=True encodes special token strings as text (slow tokenizers too).
+        # Fast tokenizers switch it on shared state: a tokenizer must not be used from two threads.
+        piece = segment.text[start:end]
+        ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+    return ids
+
+
+def _pieces(segment: Segment, tokenizer: Any) -> list[tuple[int, int, bool]]:
+    """(start, end, as_text) pieces covering the text: each stretch between two of the template's
+    own special tokens that holds a user's special token string is a piece encoded as text.
+
+    Tokenizers encode the text between special tokens independently of the rest, so all other
+    pieces keep the ids they would have had, and the template's special tokens stay tokens.
+    """
+    user_spans = segment.user_special_spans
+    controls = [
+        match.span()
+        for match in special_token_pattern(tokenizer).finditer(segment.text)
+        if all(end <= match.start() or start >= match.end() for start, end in user_spans)
+    ]
+    stretch_starts = [0] + [end for _, end in controls]
+    stretch_ends = [start for start, _ in controls] + [len(segment.text)]
+    pieces, cursor = [], 0
+    for start, end in zip(stretch_starts, stretch_ends):
+        if any(start <= user_start < end for user_start, _ in user_spans):
+            pieces += [(cursor, start, False), (start, end, True)]
+            cursor = end
+    pieces.append((cursor, len(segment.text), False))
+    return [(start, end, as_text) for start, end, as_text in pieces if start < end]
 
 
 def tokenize_sample(sample: dict[str, Any], template: str, tokenizer: Any, max_length: int) -> TokenizedExample:
@@ -58,7 +101,7 @@ def tokenize_text_chunks(text: str, tokenizer: Any, max_length: int) -> list[Tok
     Chunks overlap by one token: a chunk's first token has no context in its row, so it is the
     previous chunk's last target and here only context (masked), and every token is predicted once.
     """
-    ids = tokenize_segments([Segment(text, trainable=True, eos_after=True)], tokenizer, sys.maxsize).input_ids
+    ids = tokenize_segments([text_segment(text, tokenizer)], tokenizer, sys.maxsize).input_ids
     chunks = []
     for start in range(0, max(1, len(ids) - 1), max_length - 1):
         chunk = ids[start : start + max_length]
