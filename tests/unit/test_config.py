@@ -130,3 +130,12 @@ def test_bad_run_names_are_refused(tmp_path):
     for name in ("../up", "a/b", ".hidden", "x" * 65, "trailing\n"):
         with pytest.raises(ConfigError, match="name"):
             load_config(write(tmp_path, {**MINIMAL, "name": name}))
+
+
+def test_on_demand_patterns_are_names_and_leave_room_for_one_adapter():
+    base = {"model": {"path": "/m"}, "adapters": ["a", "b"], "on_demand": ["support-*"]}
+    assert validate_config(base, schema=ServeConfig).on_demand == ["support-*"]
+    with pytest.raises(ConfigError, match="on_demand.0"):
+        validate_config({**base, "on_demand": ["../x"]}, schema=ServeConfig)
+    with pytest.raises(ConfigError, match=r"max_cpu_loras \(3\) holds fewer adapters than the 2 in adapters plus one on-demand slot"):
+        validate_config({**base, "engine": {"max_loras": 2, "max_cpu_loras": 3}}, schema=ServeConfig)
