@@ -53,7 +53,7 @@ from finch.models.source import resolve_model_path
 from finch.precision import detect_device, inference_dtype
 from finch.registry.store import publish
 from finch.serve.engine import ServingEngine
-from machine import command_line, machine_description
+from machine import command_line, load_average, machine_description
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Request i gets a prompt of PROMPT_LENGTHS[i % 4] tokens in every variant: the same prefill work everywhere.
@@ -394,9 +394,8 @@ def prepare(args: argparse.Namespace, model_path: str, work: Path, dtype: torch.
     return setup, adapters
 
 
-def main() -> None:
-    args = parse_args()
-    started = time.perf_counter()
+def start_engine_benchmark(args: argparse.Namespace) -> tuple[str, str]:
+    """The base model's folder and the device; args.dtype resolved for it; the machine and command printed."""
     model_path = resolve_model_path(args.model)
     # The model is a local folder from here on: never wait on the hub. vLLM's INFO logs would bury the tables.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -405,9 +404,16 @@ def main() -> None:
     import_vllm_engine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype, _ = inference_dtype(args.dtype, detect_device(device == "cuda"))
-    dtype = getattr(torch, args.dtype)
-    print(f"machine: {machine_description(('torch', 'vllm', 'transformers', 'peft'), device)}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"machine: {machine_description(('torch', 'vllm', 'transformers', 'peft'), device)}; load average {load_average()} at start")
     print(f"command: {command_line()}", flush=True)
+    return model_path, device
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    model_path, device = start_engine_benchmark(args)
+    dtype = getattr(torch, args.dtype)
 
     with tempfile.TemporaryDirectory(prefix="finch-bench-serve-") as tmp:
         setup, adapters = prepare(args, model_path, Path(tmp), dtype)

@@ -434,6 +434,10 @@ class ServerConfig(Section):
         120.0, gt=0, description="A replica that answers no health check for this long is replaced. On CPU a busy "
         "engine holds the replica's event loop for seconds at a time: a short timeout kills healthy replicas.",
     )
+    tool_parser: str | None = Field(
+        None, description="vLLM tool parser that reads tool calls from answers under tool_choice 'auto' (hermes, llama3_json, "
+        "mistral, ...: the one for the model's chat template); without it, tools need a tool_choice that forces a call.",
+    )
     adapter_sync_s: float = Field(
         1.0, gt=0, description="How often each replica checks for adapters loaded or unloaded through another replica."
     )

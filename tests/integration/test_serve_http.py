@@ -10,6 +10,8 @@ import httpx
 import pytest
 
 from finch.config import ServeConfig, validate_config
+from finch.fingerprint import fingerprint_model_folder
+from finch.registry.store import publish
 from finch.data.tokenization import prompt_token_ids
 from tests.conftest import free_port, make_tokenizer, model_source
 from tests.greedy import greedy_answers, load_reference
@@ -44,10 +46,10 @@ def server(ray_local, tmp_path_factory, tiny_serving_model_dir, monkeypatch_modu
             "registry_dir": str(registry),
             "adapters": ["a1"],
             "on_demand": ["od-*"],
-            "engine": {"max_model_len": 128, "max_loras": 3, "max_lora_rank": 8, "max_cpu_loras": 5},
+            "engine": {"max_model_len": 512, "max_loras": 3, "max_lora_rank": 8, "max_cpu_loras": 5},
             # two replicas: admin changes must reach both
             "server": {"port": free_port(), "max_tokens_limit": 64, "request_timeout_s": 60, "num_replicas": 2,
-                       "cpus_per_replica": 0.5, "adapter_sync_s": 0.5},
+                       "cpus_per_replica": 0.5, "adapter_sync_s": 0.5, "tool_parser": "hermes"},
         },
         schema=ServeConfig,
     )
@@ -108,7 +110,7 @@ def test_bad_requests_get_openai_style_4xx_errors(server):
     with pytest.raises(openai.NotFoundError, match="not served"):
         api.chat.completions.create(model="nope", messages=QUESTION)
     with pytest.raises(openai.BadRequestError, match="takes at most"):
-        api.completions.create(model="base", prompt="word " * 400, max_tokens=5)
+        api.completions.create(model="base", prompt="word " * 1200, max_tokens=5)
     with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
         api.chat.completions.create(model="base", messages=QUESTION, temperature=5)
     with pytest.raises(openai.UnprocessableEntityError, match="max_tokens"):
@@ -124,7 +126,7 @@ def test_bad_requests_get_openai_style_4xx_errors(server):
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
 
 
-@pytest.mark.parametrize(("field", "value"), [("tools", [TOOL]), ("tool_choice", "required"), ("best_of", 3)])
+@pytest.mark.parametrize(("field", "value"), [("functions", [TOOL["function"]]), ("best_of", 3), ("suffix", "!")])
 def test_fields_that_would_change_the_answer_are_refused_by_name_not_ignored(server, field, value):
     import openai
 
@@ -322,6 +324,43 @@ def test_registry_adapters_are_served_on_demand_with_new_versions_and_no_admin_c
     assert on_demand["loads"] >= 1 and set(on_demand["cached"]) <= {"od-1@v1", "od-1@v2", "od-2@v1"}
 
 
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+def test_tools_reach_the_prompt_and_forced_calls_match_their_schema(server):
+    import json
+
+    import jsonschema
+    import openai
+
+    url, registry, adapters, model_dir = server
+    api = client(url)
+    plain = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, temperature=0)
+    named = api.chat.completions.create(model="a1", messages=QUESTION, tools=[WEATHER, TOOL], max_tokens=30, temperature=0,
+                                        tool_choice={"type": "function", "function": {"name": "weather"}})
+    (call,) = named.choices[0].message.tool_calls
+    assert call.function.name == "weather" and named.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert named.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the tool definitions are in the prompt
+    streamed = api.chat.completions.create(model="base", messages=QUESTION, tools=[WEATHER, TOOL], tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=40, temperature=0, stream=True)
+    calls = [c for chunk in streamed for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    assert len(calls) == 1 and calls[0].function.name in {"weather", "lookup"}
+    conversation = [*QUESTION, {"role": "assistant", "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    follow_up = api.chat.completions.create(model="a1", messages=conversation, tools=[WEATHER], tool_choice="none", max_tokens=6, temperature=0)
+    assert isinstance(follow_up.choices[0].message.content, str) and not follow_up.choices[0].message.tool_calls
+    auto = api.chat.completions.create(model="a1", messages=QUESTION, tools=[WEATHER], max_tokens=6, temperature=0)  # hermes reads it
+    assert auto.choices[0].message.content == api.chat.completions.create(
+        model="a1", messages=QUESTION, tools=[WEATHER], tool_choice="none", max_tokens=6, temperature=0).choices[0].message.content
+    entry = {f: adapters["a2"] / f for f in ("adapter_config.json", "adapter_model.safetensors")}
+    publish(registry, "od-alpaca", entry, {"base_model": {"fingerprint": fingerprint_model_folder(model_dir)}, "template": "alpaca"})
+    with pytest.raises(openai.BadRequestError, match="tools: model 'od-alpaca' is prompted with the alpaca template"):
+        api.chat.completions.create(model="od-alpaca", messages=QUESTION, tools=[WEATHER], max_tokens=4)
+
+
 def test_chat_page_streams_answers_and_compares_two_models(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -476,3 +515,75 @@ def test_eval_judge_scores_through_finch_serve_and_counts_refused_rows(server, m
     monkeypatch.setenv("JUDGE_KEY", "wrong-key")
     refused = judge_scores(judge, items)
     assert all(score is None and "401" in error for score, error in refused), refused
+
+
+def test_prometheus_metrics_per_model_are_scraped_from_every_ray_node(server):
+    """finch's metrics reach Ray's metrics agent on every node (finch/serve/metrics.py): requests,
+    tokens and times per model, refusals under their status, the on-demand adapter cache."""
+    import openai
+
+    url, registry, adapters, model_dir = server
+    api = client(url)
+    before = scraped("finch")
+    replies = [api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=6, temperature=0) for _ in range(2)]
+    replies.append(list(api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=6, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}))[-1])
+    api.completions.create(model="base", prompt="Once upon", max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="no-such-model", messages=QUESTION)
+    on_demand = [f"od-metrics-{n}" for n in range(5)]
+    for name in on_demand:
+        register(registry, name, adapters["a1"], model_dir)
+    # Until one replica has served all five: more than its cache holds next to the pinned adapters, so it evicted.
+    seen: dict[str, set[str]] = {}
+    for turn in range(60):
+        response = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60,
+                              json={"model": on_demand[turn % 5], "prompt": "Once upon", "max_tokens": 1})
+        seen.setdefault(response.raise_for_status().headers["x-finch-replica"], set()).add(on_demand[turn % 5])
+        if max(len(models) for models in seen.values()) == 5:
+            break
+    for _ in range(3):  # two replicas, three requests: one replica answers twice, from its cache
+        api.completions.create(model="od-metrics-0", prompt="Once upon", max_tokens=1)
+
+    a1 = {"model": "a1"}
+    expected = [  # (metric, labels, at least this much more than before)
+        ("ray_finch_requests_total", a1 | {"endpoint": "chat", "status": "200"}, 3),
+        ("ray_finch_requests_total", {"model": "base", "endpoint": "completions", "status": "200"}, 1),
+        ("ray_finch_requests_total", {"model": "unknown", "endpoint": "chat", "status": "404"}, 1),
+        ("ray_finch_prompt_tokens_total", a1, sum(r.usage.prompt_tokens for r in replies)),
+        ("ray_finch_completion_tokens_total", a1, sum(r.usage.completion_tokens for r in replies)),
+        ("ray_finch_request_latency_seconds_count", a1, 3),
+        ("ray_finch_time_to_first_token_seconds_count", a1, 3),
+        ("ray_finch_adapter_loads_total", {"model": "od-metrics-0", "kind": "on_demand"}, 1),
+        ("ray_finch_adapter_cache_lookups_total", {"model": "od-metrics-0", "result": "hit"}, 1),
+        ("ray_finch_adapter_evictions_total", {}, 1),
+    ]
+
+    def short() -> list[tuple[str, dict[str, str], float, int]]:
+        now = scraped("finch")
+        grown = [(name, labels, total(now, name, labels) - total(before, name, labels), least) for name, labels, least in expected]
+        return [row for row in grown if row[2] < row[3]]
+
+    deadline = time.monotonic() + 60  # Ray's agent exports what replicas recorded every few seconds
+    while (left := short()) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not left, left  # (metric, labels, increase scraped, increase expected)
+    names = {name for name, _, _ in scraped("finch")}
+    assert {"ray_finch_adapter_loads_total", "ray_finch_adapters_cached", "ray_finch_requests_running"} <= names
+    assert {"ray_serve_deployment_queued_queries", "ray_serve_replica_processing_queries"} <= names  # Ray Serve's own
+
+
+def scraped(application: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample an application's deployments export, from every Ray node."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from finch.serve.metrics import scrape_urls
+
+    return [(sample.name, sample.labels, sample.value) for address in scrape_urls()
+            for family in text_string_to_metric_families(httpx.get(address, timeout=30).text)
+            for sample in family.samples if sample.labels.get("application") == application]
+
+
+def total(samples: list[tuple[str, dict[str, str], float]], name: str, labels: dict[str, str]) -> float:
+    """The sum over replicas (and any other labels) of `name`'s samples that carry `labels`."""
+    return sum(value for sample, tags, value in samples if sample == name and labels.items() <= tags.items())

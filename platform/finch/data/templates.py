@@ -61,19 +61,26 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return messages
 
 
-def render_prompt(messages: list[dict[str, str]], template: str, tokenizer: Any) -> list[Segment]:
+def render_prompt(messages: list[dict[str, Any]], template: str, tokenizer: Any, tools: list[dict] | None = None) -> list[Segment]:
     """The segments a model continues from to produce the next assistant turn.
 
     Earlier turns render exactly as in training (EOS tokens included), so the prompt's
-    token ids are a prefix of what the model saw during training.
+    token ids are a prefix of what the model saw during training. `tools` (OpenAI function
+    definitions) go to chat templates that take them (takes_tools).
     """
     messages, stashed = _stash_special_strings(messages, tokenizer)
-    return _unstash(_prompt_segments(messages, template, tokenizer), stashed)
+    return _unstash(_prompt_segments(messages, template, tokenizer, tools), stashed)
 
 
-def _prompt_segments(messages: list[dict[str, str]], template: str, tokenizer: Any) -> list[Segment]:
+def takes_tools(template: str, tokenizer: Any) -> bool:
+    """Whether prompts in `template` can carry tool definitions: a chat template that reads `tools`."""
+    return template == "chat" and "tools" in (tokenizer.chat_template or "")
+
+
+def _prompt_segments(messages: list[dict[str, Any]], template: str, tokenizer: Any, tools: list[dict] | None) -> list[Segment]:
     if template == "chat":
-        return [Segment(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False)]
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        return [Segment(text, False)]
     segments = _alpaca_segments(messages)
     if segments and not segments[-1].trainable:
         return segments[:-1] + [Segment(segments[-1].text + ALPACA_RESPONSE, trainable=False)]

@@ -23,6 +23,7 @@ from finch.precision import Device, device_of_workers
 from finch.registry.store import AdapterEntry, resolve_adapter
 from finch.runtime import cache_root
 from finch.serve.directory import ReplicaAdapters, open_directory, remove_directory
+from finch.serve.metrics import scrape_urls
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -71,6 +72,7 @@ class FinchServer:
             stop_token_ids=stop_token_ids(model_path, tokenizer),
             api_key=api_key,
             base_system_prompt=base_entry.system_prompt if base_entry else None,
+            tool_parser=tool_parser(self.config.server.tool_parser)(tokenizer) if self.config.server.tool_parser else None,
         )
         self.api = build_api(state, on_startup=self.load_adapters)
 
@@ -93,6 +95,16 @@ def base_template(template: str, base_entry: AdapterEntry | None, tokenizer: Any
     return resolve_template(template, tokenizer)
 
 
+def tool_parser(name: str) -> Any:
+    """vLLM's tool parser class registered as `name`."""
+    from vllm.tool_parsers import ToolParserManager
+
+    try:
+        return ToolParserManager.get_tool_parser(name)
+    except KeyError:
+        raise ConfigError(f"server.tool_parser {name!r} is not one of vLLM's: {', '.join(ToolParserManager.list_registered())}") from None
+
+
 def api_key_of(config: ServeConfig) -> str | None:
     return os.environ.get(config.server.api_key_env) or None
 
@@ -105,6 +117,8 @@ def build_application(config: ServeConfig, model: ModelSource, base_entry: Adapt
         raise ConfigError(
             f"server.host {server.host} exposes the API beyond this machine: set an API key in ${server.api_key_env}"
         )
+    if server.tool_parser:
+        tool_parser(server.tool_parser)  # a wrong name fails here, not in every replica
     deployment = serve.deployment(FinchServer).options(
         name="finch",
         num_replicas=server.num_replicas,
@@ -157,6 +171,7 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
     serve.run(application, name=config.name, route_prefix="/")
     url = f"http://{config.server.host}:{config.server.port}"
     print(f"finch: serving on {url} (chat page at {url}/, OpenAI API at {url}/v1)", flush=True)
+    print(f"finch: Prometheus metrics on every Ray node: {', '.join(scrape_urls())}", flush=True)
     if blocking:
         print("finch: Ctrl-C stops", flush=True)
         try:

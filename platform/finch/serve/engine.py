@@ -39,6 +39,7 @@ from typing import Any
 from finch.config import EngineConfig
 from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import AdapterEntry, RegistryError, adapter_names, resolve_adapter
+from finch.serve import metrics
 from finch.serve.cpu_lora import use_grouped_lora_products
 
 ZERO_ADAPTER = "finch-base"
@@ -59,6 +60,7 @@ class AdapterStats:
     """On-demand adapter traffic, for the metrics endpoint."""
 
     hits: int = 0  # requests for an on-demand adapter that was loaded already
+    misses: int = 0  # requests that had to wait for a load (theirs or another request's)
     loads: int = 0
     evictions: int = 0
 
@@ -141,6 +143,7 @@ class ServingEngine:
             await self._add(adapter)
             previous = self.adapters.get(name)
             self.adapters[name] = adapter
+        metrics.adapter_loaded(name, "pinned")
         if previous:
             await self._retire(previous)
         return adapter
@@ -213,11 +216,14 @@ class ServingEngine:
             return served
         if adapter is None or "@" not in adapter:
             raise RegistryError(f"no adapter named {adapter!r} is being served")
+        hit = adapter in self.cached
+        self.stats.hits += hit
+        self.stats.misses += not hit
+        metrics.adapter_lookup(adapter, hit=hit)
         while True:
             served = self.cached.get(adapter)
             if served is not None:
                 self.cached.move_to_end(adapter)
-                self.stats.hits += 1
                 return served
             if adapter not in self._loading:
                 self._loading[adapter] = asyncio.ensure_future(self._load_on_demand(adapter))
@@ -229,12 +235,15 @@ class ServingEngine:
     async def _load_on_demand(self, ref: str) -> None:
         entry = resolve_adapter(self.registry_dir, ref)
         self.check_servable(entry)
+        adapter = ServedAdapter(ref, entry, next(self._ids), str(entry.path))
         async with self._lock:
-            adapter = ServedAdapter(ref, entry, next(self._ids), str(entry.path))
             await self._make_room()
-            await self._add(adapter)
-            self.cached[ref] = adapter
-            self.stats.loads += 1
+            self._loaded.add(adapter.lora_id)  # the slot is taken now; vLLM reads the weights outside the lock,
+            # so loads of several cold adapters overlap (each waits for an engine step, not for the others)
+        await self._add(adapter)
+        self.cached[ref] = adapter
+        self.stats.loads += 1
+        metrics.adapter_loaded(ref, "on_demand", cached=len(self.cached))
 
     async def _make_room(self) -> None:
         """Evict idle on-demand adapters, least recently used first, until one more fits in vLLM's cache."""
@@ -248,13 +257,15 @@ class ServingEngine:
                 )
             self.stats.evictions += 1
             await self._retire(self.cached.pop(victim))
+            metrics.adapter_evicted(victim, cached=len(self.cached))
 
     async def _add(self, adapter: ServedAdapter) -> None:
+        self._loaded.add(adapter.lora_id)
         try:
             await self.engine.add_lora(self._request(adapter))
         except Exception as err:  # vLLM reports load failures as a plain Exception
+            self._loaded.discard(adapter.lora_id)
             raise AdapterRefused(f"vLLM could not load {adapter.ref}: {err}") from None
-        self._loaded.add(adapter.lora_id)
 
     async def _retire(self, adapter: ServedAdapter) -> None:
         adapter.retired = True

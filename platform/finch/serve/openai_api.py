@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from finch.config import NAME_PATTERN, ServeConfig
-from finch.data.templates import with_system_prompt
+from finch.data.templates import takes_tools, with_system_prompt
 from finch.data.tokenization import prompt_token_ids
 from finch.registry.store import AdapterEntry, RegistryError
+from finch.serve import metrics
 from finch.serve.directory import ReplicaAdapters
 from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, EngineFull, ServingEngine
 from finch.serve.protocol import (
@@ -66,6 +67,7 @@ class ApiState:
     base_template: str
     stop_token_ids: list[int]
     api_key: str | None
+    tool_parser: Any = None  # vLLM's ToolParser for server.tool_parser: reads tool calls from free answers
     base_system_prompt: str | None = None  # a served registry fine-tune's training system prompt (app.FinchServer)
 
 
@@ -111,6 +113,8 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
         response.headers["x-finch-replica"] = state.shared.replica
         return response
 
+    app.add_middleware(metrics.Metering)  # added last: outermost, it sees every refusal and a stream's end
+
     chat_page = resources.files("finch.serve").joinpath("static/chat.html").read_text()
 
     @app.get("/", include_in_schema=False)
@@ -138,10 +142,12 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
     async def chat_completions(body: ChatRequest):
         body.refuse_unsupported()
         target = await route(state, body.model)
-        messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        messages = with_system_prompt(messages, target.entry.system_prompt if target.entry else state.base_system_prompt)
+        template = target.entry.manifest["template"] if target.entry else state.base_template
+        tools = tool_definitions(state, body, template)
         try:
-            ids = prompt_token_ids(messages, state.tokenizer, target.entry.manifest["template"] if target.entry else state.base_template)
+            messages = [m.for_template() for m in body.messages]
+            messages = with_system_prompt(messages, target.entry.system_prompt if target.entry else state.base_system_prompt)
+            ids = prompt_token_ids(messages, state.tokenizer, template, tools)
         except Exception as err:  # a conversation the template cannot render
             raise ApiError(400, f"cannot render these messages: {err}") from None
         return await respond(state, body, target.adapter, [ids], chat=True)
@@ -203,12 +209,14 @@ class Route:
 async def route(state: ApiState, model: str) -> Route:
     """resolve_model, after catching up with the other replicas if this one does not serve `model` yet."""
     try:
-        return await resolve_model(state, model)
+        target = await resolve_model(state, model)
     except ApiError as err:
         if err.status != 404:
             raise
         await state.shared.sync()
-        return await resolve_model(state, model)
+        target = await resolve_model(state, model)
+    metrics.routed(target.adapter)
+    return target
 
 
 async def resolve_model(state: ApiState, model: str) -> Route:
@@ -266,8 +274,49 @@ def vllm_sampling_params(state: ApiState, body: SamplingRequest, max_tokens: int
         stop_token_ids=state.stop_token_ids,
         n=body.n if body.temperature > 0 else 1,  # see protocol.Answers
         logprobs=body.alternatives(),
-        structured_outputs=body.response_format.structured_outputs() if body.response_format else None,
+        structured_outputs=body.structured_outputs(),
         output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def tool_definitions(state: ApiState, body: ChatRequest, template: str) -> list[dict[str, Any]] | None:
+    """The request's tools as the chat template takes them; refused (400 naming the field) where the
+    model's template has no place for them, or where tool_choice 'auto' has no parser for the answer."""
+    if not body.tools:
+        return None
+    if not takes_tools(template, state.tokenizer):
+        where = "the alpaca template" if template == "alpaca" else "a chat template that does not read `tools`"
+        raise ApiError(400, f"tools: model {body.model!r} is prompted with {where}; it cannot be given tools", code="unsupported_parameter")
+    if body.calls_tools and body.forced_tool_schema() is None and state.tool_parser is None:
+        raise ApiError(400, "tool_choice: 'auto' (the default with tools) needs server.tool_parser to read tool calls from "
+                       "answers; set it, or force a tool with tool_choice 'required' or {\"type\": \"function\", ...}",
+                       code="unsupported_parameter")
+    return [tool.model_dump(exclude_none=True) for tool in body.tools]
+
+
+def with_tool_calls(state: ApiState, body: ChatRequest, choice: dict[str, Any]) -> dict[str, Any]:
+    """A chat choice whose answer is tool calls, in OpenAI's layout (message.tool_calls, finish_reason
+    'tool_calls'). An answer cut by max_tokens, or with no call in it, stays text."""
+    message = choice["message"]
+    if body.forced_tool_schema() is not None:
+        try:
+            calls, content = body.forced_tool_calls(message["content"]), None
+        except ValueError:  # cut JSON (finish_reason 'length')
+            return choice
+    else:
+        found = state.tool_parser.extract_tool_calls(message["content"], vllm_chat_request(body))
+        if not found.tools_called:
+            return choice
+        calls, content = [call.model_dump() for call in found.tool_calls], found.content
+    return choice | {"message": {"role": "assistant", "content": content, "tool_calls": calls}, "finish_reason": "tool_calls"}
+
+
+def vllm_chat_request(body: ChatRequest) -> Any:
+    """vLLM's request type, which its tool parsers read the tools from."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate(
+        {"model": body.model, "messages": [], "tools": [tool.model_dump(exclude_none=True) for tool in body.tools]}
     )
 
 
@@ -297,7 +346,8 @@ async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, p
         # A stream starts once the first output is in: what the engine refuses is still a 4xx.
         async with asyncio.timeout_at(deadline):
             first = await anext(outputs)
-        if body.stream:
+        metrics.first_output(prompt_tokens, answers)
+        if body.stream and not tool_answers(body):
             events = stream_events(outputs, first, answers, body, request_id, chat, deadline, prompt_tokens)
             return StreamingResponse(events, media_type="text/event-stream")
         async with asyncio.timeout_at(deadline), contextlib.aclosing(outputs):
@@ -315,14 +365,43 @@ async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, p
         raise ApiError(404, str(err), code="model_not_found") from None
     except VLLMClientError as err:  # what the engine refuses in this request
         raise ApiError(400, str(err), code="invalid_parameters") from None
-    return {
+    choices = [final_choice(choice, chat) for choice in answers.choices]
+    if tool_answers(body):
+        choices = [with_tool_calls(state, body, choice) for choice in choices]
+    answer = {
         "id": request_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": body.model,
-        "choices": [final_choice(choice, chat) for choice in answers.choices],
+        "choices": choices,
         "usage": usage(prompt_tokens, answers.completion_tokens),
     }
+    if body.stream:  # answers that may be tool calls are read whole, then sent as one chunk per choice
+        return StreamingResponse(replayed_events(answer, body), media_type="text/event-stream")
+    return answer
+
+
+def tool_answers(body: SamplingRequest) -> bool:
+    return isinstance(body, ChatRequest) and body.calls_tools
+
+
+async def replayed_events(answer: dict[str, Any], body: SamplingRequest):
+    """A whole chat answer as server-sent chunks: each choice's message as one delta, then its finish."""
+    def chunk(choice: dict[str, Any] | None, **extra: Any) -> str:
+        event = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"], "model": answer["model"],
+                 "choices": [choice] if choice else []}
+        return f"data: {json.dumps(event | extra)}\n\n"
+
+    for choice in answer["choices"]:
+        message = choice["message"]
+        delta = {"role": "assistant", "content": message["content"]}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [call | {"index": index} for index, call in enumerate(message["tool_calls"])]
+        yield chunk({"index": choice["index"], "delta": delta, "finish_reason": None})
+        yield chunk({"index": choice["index"], "delta": {}, "finish_reason": choice["finish_reason"]})
+    if body.stream_options and body.stream_options.include_usage:
+        yield chunk(None, usage=answer["usage"])
+    yield "data: [DONE]\n\n"
 
 
 async def merged_outputs(engine: ServingEngine, prompts: list[list[int]], params: list[Any], adapter: str | None,

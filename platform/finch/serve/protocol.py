@@ -8,6 +8,8 @@ that do not (user, metadata, store, ...) are accepted and ignored.
 
 from __future__ import annotations
 
+import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,18 +31,66 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON string.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _has_content(self) -> Message:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        return self
 
     @property
     def text(self) -> str:
         """The content as one string; text parts joined by newlines, as vLLM's server joins them."""
-        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (HF's layout: tool call arguments as objects)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": parse_arguments(call.function.arguments)}} for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def parse_arguments(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        raise ValueError(f"tool call arguments are not JSON: {arguments[:80]!r}") from None
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+def check_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as err:
+        raise ValueError(f"not a valid JSON schema: {err.message}") from None
+    return schema
 
 
 class JsonSchemaFormat(BaseModel):
@@ -51,12 +101,7 @@ class JsonSchemaFormat(BaseModel):
 
     @model_validator(mode="after")
     def _is_a_schema(self) -> JsonSchemaFormat:
-        import jsonschema
-
-        try:
-            jsonschema.validators.validator_for(self.schema_).check_schema(self.schema_)
-        except jsonschema.SchemaError as err:
-            raise ValueError(f"not a valid JSON schema: {err.message}") from None
+        check_schema(self.schema_)
         return self
 
 
@@ -81,12 +126,36 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _parameters_are_a_schema(self) -> FunctionDefinition:
+        check_schema(self.parameters)
+        return self
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 # OpenAI fields that change the answer and that this server does not carry out, with the values
 # that mean "not used": a request that sets one otherwise is refused naming it, never answered as
 # if it had not been sent.
 NOT_HONOURED = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "best_of": (None, 1),
@@ -118,6 +187,10 @@ class SamplingRequest(BaseModel):
         """How many alternatives to report with each answer token's log-probability (None: no logprobs)."""
         raise NotImplementedError
 
+    def structured_outputs(self) -> Any:
+        """vLLM's constraint on the answer (None: free text)."""
+        return self.response_format.structured_outputs() if self.response_format else None
+
     def checked_logit_bias(self, vocab_size: int) -> dict[int, float] | None:
         """logit_bias, refused here (400 naming the token) rather than by vLLM once a stream has begun."""
         for token, bias in (self.logit_bias or {}).items():
@@ -138,6 +211,56 @@ class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatRequest:
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in self.tool_names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        return self
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [tool.function.name for tool in self.tools or []]
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may be tool calls (tools given and tool_choice not 'none')."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_tool_schema(self) -> dict[str, Any] | None:
+        """The JSON an answer must be when tool_choice forces tool calls: a named tool's arguments, or
+        with 'required' a list of {"name", "arguments"} calls (one, unless parallel_tool_calls)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return next(t.function.parameters for t in self.tools if t.function.name == self.tool_choice.function.name)
+        if self.tool_choice != "required":
+            return None
+        calls = [{"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
+                  "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]
+        schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+        return schema if self.parallel_tool_calls else schema | {"maxItems": 1}
+
+    def structured_outputs(self) -> Any:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        schema = self.forced_tool_schema() if self.tools else None
+        if schema is None:
+            return super().structured_outputs()
+        if self.response_format and self.response_format.type != "text":
+            raise ApiError(400, "response_format: not with a tool_choice that forces tool calls", code="invalid_parameters")
+        return StructuredOutputsParams(json=schema)
+
+    def forced_tool_calls(self, text: str) -> list[dict[str, Any]]:
+        """The tool calls of an answer generated under forced_tool_schema (ValueError: the answer was
+        cut by max_tokens, so it is no complete JSON and no call)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            json.loads(text)
+            return [tool_call(self.tool_choice.function.name, text)]
+        return [tool_call(call["name"], json.dumps(call["arguments"])) for call in json.loads(text)]
 
     def alternatives(self) -> int | None:
         if self.top_logprobs and not self.logprobs:
@@ -261,6 +384,10 @@ def delta_choice(choice: Choice, text: str, entries: list[dict[str, Any]], chat:
         done = len(choice.logprobs) - len(entries)
         body["logprobs"] = chat_logprobs(entries) if chat else completion_logprobs(entries, sum(len(e["token"]) for e in choice.logprobs[:done]))
     return body
+
+
+def tool_call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
