@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # Choices one request may ask for (prompts x n): each is a sequence in vLLM's batch.
 MAX_CHOICES = 128
@@ -93,16 +93,15 @@ def check_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+# A request field holding a JSON schema, checked as one when the request is parsed.
+JsonSchema = Annotated[dict[str, Any], AfterValidator(check_schema)]
+
+
 class JsonSchemaFormat(BaseModel):
     name: str = "response"
     description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema every answer must match.")
+    schema_: JsonSchema = Field(alias="schema", description="The JSON schema every answer must match.")
     strict: bool | None = None
-
-    @model_validator(mode="after")
-    def _is_a_schema(self) -> JsonSchemaFormat:
-        check_schema(self.schema_)
-        return self
 
 
 class ResponseFormat(BaseModel):
@@ -129,13 +128,8 @@ class ResponseFormat(BaseModel):
 class FunctionDefinition(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    parameters: JsonSchema = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
-
-    @model_validator(mode="after")
-    def _parameters_are_a_schema(self) -> FunctionDefinition:
-        check_schema(self.parameters)
-        return self
 
 
 class Tool(BaseModel):
