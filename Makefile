@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -56,8 +56,17 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 	$(UV) install --quiet -e ".[llamacpp]"
 	touch $@
 
-test: setup $(VENV)/.llamacpp $(CHROMIUM)
+test: setup $(VENV)/.llamacpp $(CHROMIUM) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
+
+# Unit tests only: tiny random models, no Ray cluster, no vLLM engine, no browser (about 2 minutes).
+test-fast: setup lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit -m "not integration" $(PYTEST_ARGS)
+
+# Ruff's lint and format check over every Python file (settings in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs registry

@@ -15,12 +15,12 @@ import argparse
 import time
 
 import torch
+from machine import command_line, machine_description
 
 from finch.config import LoraConfig, ModelConfig
 from finch.models.gemma_gguf import ensure_gemma3_270m
 from finch.models.loading import apply_lora, load_base_model
 from finch.precision import cpu_device, inference_dtype
-from machine import command_line, machine_description
 
 
 def train_step_seconds(folder: str, dtype: str, steps: int, seq_len: int) -> float:
@@ -61,7 +61,10 @@ def main() -> None:
     print(f"command: {command_line()}", flush=True)
     step = {d: train_step_seconds(folder, d, args.steps, args.seq_len) for d in ("float32", "bfloat16")}
     decode = {d: decode_tokens_per_second(folder, d, args.new_tokens) for d in ("float32", "bfloat16")}
-    print(f"LoRA r=16 train step, batch 2 x {args.seq_len} tokens (s/step): " + ", ".join(f"{d} {v:.2f}" for d, v in step.items()))
+    print(
+        f"LoRA r=16 train step, batch 2 x {args.seq_len} tokens (s/step): "
+        + ", ".join(f"{d} {v:.2f}" for d, v in step.items())
+    )
     print(f"  bf16 speed-up over fp32: {step['float32'] / step['bfloat16']:.3g}x")
     print("greedy decoding (tokens/s): " + ", ".join(f"{d} {v:.2f}" for d, v in decode.items()))
     print(f"  bf16 speed-up over fp32: {decode['bfloat16'] / decode['float32']:.3g}x")

@@ -38,16 +38,17 @@ from pathlib import Path
 
 import pandas as pd
 import ray
+from machine import command_line, load_average, machine_description
 
 from finch.config import DataConfig, ModelConfig
 from finch.data.packing import pack_examples
-from finch.data.pipeline import load_tokenizer, prepare_datasets, tokenize_batch
+from finch.data.pipeline import prepare_datasets, tokenize_batch
 from finch.data.readers import iter_records
 from finch.data.templates import resolve_template
 from finch.models.gemma_gguf import GEMMA3_270M_URI
 from finch.models.source import ModelSource, resolve_model_source
+from finch.models.tokenizer import load_tokenizer
 from finch.runtime import init_ray
-from machine import command_line, load_average, machine_description
 
 SHARED_SFT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft"
 SETS = ("identity.json", "gsm8k_chat_train.jsonl", "glaive_toolcall_en_demo.json", "guanaco-llama2-1k.train.parquet")
@@ -104,8 +105,11 @@ def datasets_run(files: list[str], max_length: int, model: ModelSource) -> tuple
     started = time.perf_counter()
     tokenizer = load_tokenizer(model.folder)
     template = resolve_template(data.template, tokenizer)
-    records = [{"source": source, "record": json.dumps(record, default=str)} for path in files
-               for source, record in iter_records(path)]
+    records = [
+        {"source": source, "record": json.dumps(record, default=str)}
+        for path in files
+        for source, record in iter_records(path)
+    ]
 
     def tokenize(batch: dict) -> dict:
         rows = pd.DataFrame({"source": batch["source"], "record": batch["record"]})
@@ -124,7 +128,9 @@ def datasets_run(files: list[str], max_length: int, model: ModelSource) -> tuple
 
 def check_same_tokens(finch: Run, baseline_tokens: int) -> None:
     if finch.tokens != baseline_tokens:
-        raise SystemExit(f"finch kept {finch.tokens} tokens, the datasets baseline {baseline_tokens}: not the same work")
+        raise SystemExit(
+            f"finch kept {finch.tokens} tokens, the datasets baseline {baseline_tokens}: not the same work"
+        )
 
 
 def padded_efficiency(lengths: list[int], batch_size: int, seed: int = 0) -> float:
@@ -137,19 +143,27 @@ def padded_efficiency(lengths: list[int], batch_size: int, seed: int = 0) -> flo
 
 def throughput_table(finch_cold: Run, finch_warm: Run, baseline: Run, ray_start: float) -> str:
     rows = ["| pipeline | seconds | example tokens | rows | tokens/s | vs datasets.map |", "|---|---|---|---|---|---|"]
-    for name, run in (("datasets.map(batched=True), 1 process", baseline),
-                      ("finch (Ray Data), first run: starts workers, loads tokenizers", finch_cold),
-                      ("finch (Ray Data), second run", finch_warm)):
-        rows.append(f"| {name} | {run.seconds:.2f} | {run.tokens} | {run.rows} | {run.tokens_per_second:,.0f} | "
-                    f"{run.tokens_per_second / baseline.tokens_per_second:.2f}x |")
+    for name, run in (
+        ("datasets.map(batched=True), 1 process", baseline),
+        ("finch (Ray Data), first run: starts workers, loads tokenizers", finch_cold),
+        ("finch (Ray Data), second run", finch_warm),
+    ):
+        rows.append(
+            f"| {name} | {run.seconds:.2f} | {run.tokens} | {run.rows} | {run.tokens_per_second:,.0f} | "
+            f"{run.tokens_per_second / baseline.tokens_per_second:.2f}x |"
+        )
     rows.append(f"| Ray start (`ray.init`, local cluster), not in the rows above | {ray_start:.2f} | | | | |")
     return "\n".join(rows)
 
 
 def packing_table(files: list[Path], model: ModelSource, batch_size: int) -> str:
-    rows = [f"| set | examples | max_length | finch packing | bound | pad to longest (batch {batch_size}) | pad to max_length |",
-            "|---|---|---|---|---|---|---|"]
-    totals: dict[int, list[float]] = {length: [0, 0, 0, 0] for length in MAX_LENGTHS}  # tokens, packed/longest/max slots
+    rows = [
+        f"| set | examples | max_length | finch packing | bound | pad to longest (batch {batch_size}) | pad to max_length |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    totals: dict[int, list[float]] = {
+        length: [0, 0, 0, 0] for length in MAX_LENGTHS
+    }  # tokens, packed/longest/max slots
     for path in files:
         for max_length in MAX_LENGTHS:
             finch, packed = finch_run([str(path)], max_length, model)
@@ -158,7 +172,9 @@ def packing_table(files: list[Path], model: ModelSource, batch_size: int) -> str
             longest = padded_efficiency(lengths, batch_size)
             to_max = sum(lengths) / (len(lengths) * max_length)
             bound = sum(lengths) / (math.ceil(sum(lengths) / max_length) * max_length)
-            rows.append(f"| {path.name} | {len(lengths)} | {max_length} | {packed:.3f} | {bound:.3f} | {longest:.3f} | {to_max:.3f} |")
+            rows.append(
+                f"| {path.name} | {len(lengths)} | {max_length} | {packed:.3f} | {bound:.3f} | {longest:.3f} | {to_max:.3f} |"
+            )
             total = totals[max_length]
             total[0] += sum(lengths)
             for i, efficiency in enumerate((packed, longest, to_max), start=1):
@@ -171,10 +187,16 @@ def packing_table(files: list[Path], model: ModelSource, batch_size: int) -> str
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=GEMMA3_270M_URI, help=f"whose tokenizer: a HF folder, or {GEMMA3_270M_URI} (default)")
+    parser.add_argument(
+        "--model", default=GEMMA3_270M_URI, help=f"whose tokenizer: a HF folder, or {GEMMA3_270M_URI} (default)"
+    )
     parser.add_argument("--repeat", type=int, default=10, help="copies of each set in the throughput run (default 10)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of the pad-to-longest comparison (default 8)")
-    parser.add_argument("--throughput-length", type=int, default=1024, help="max_length of the throughput run (default 1024)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="batch size of the pad-to-longest comparison (default 8)"
+    )
+    parser.add_argument(
+        "--throughput-length", type=int, default=1024, help="max_length of the throughput run (default 1024)"
+    )
     return parser.parse_args()
 
 
@@ -182,7 +204,9 @@ def main() -> None:
     args = parse_args()
     files = sft_files()
     model = resolve_model_source(ModelConfig(path=args.model))
-    print(f"machine: {machine_description(('ray', 'datasets', 'transformers', 'tokenizers'))}; load average {load_average()}")
+    print(
+        f"machine: {machine_description(('ray', 'datasets', 'transformers', 'tokenizers'))}; load average {load_average()}"
+    )
     print(f"command: {command_line()}", flush=True)
     started = time.perf_counter()
     init_ray()
@@ -196,8 +220,10 @@ def main() -> None:
         check_same_tokens(run, baseline.tokens)
     packing = packing_table(files, model, args.batch_size)
     ray.shutdown()
-    print(f"\nDate: {date.today().isoformat()}. Tokenizer: {args.model}. Throughput: the four sets x {args.repeat}, "
-          f"max_length {args.throughput_length}, packed.\n")
+    print(
+        f"\nDate: {date.today().isoformat()}. Tokenizer: {args.model}. Throughput: the four sets x {args.repeat}, "
+        f"max_length {args.throughput_length}, packed.\n"
+    )
     print(throughput_table(finch_cold, finch_warm, baseline, ray_start))
     print()
     print(packing)

@@ -33,18 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import command_line, machine_description
+from serve_multilora import build_adapters, load_peft_model, publish_adapters
 
 from finch.config import EvalConfig, EvalDataConfig, validate_config
-from finch.data.pipeline import load_tokenizer
 from finch.data.tokenization import prompt_token_ids
 from finch.eval.examples import read_examples
 from finch.eval.generate import Generator
 from finch.eval.targets import engine_groups
 from finch.models.gemma_gguf import GEMMA3_270M_URI
 from finch.models.source import resolve_model_path
+from finch.models.tokenizer import load_tokenizer
 from finch.precision import detect_device, inference_dtype
-from machine import command_line, machine_description
-from serve_multilora import build_adapters, load_peft_model, publish_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_FILES = ("jobs/data/triage_heldout.jsonl", "jobs/data/concierge.jsonl")
@@ -64,18 +64,35 @@ def finch_generation(config: EvalConfig, prompts: list, dtype: str) -> tuple[dic
     start = time.perf_counter()
     generator = Generator(group, group.engine_settings(config.engine, on_gpu=False), config.generation, dtype, gpus=0)
     started = time.perf_counter()
-    rows = [(i, t.name, json.dumps(p)) for i, p in enumerate(prompts) for t in group.targets]  # example-major, as finch eval
-    batch = {"example": np.array([r[0] for r in rows]), "target": np.array([r[1] for r in rows]), "messages": np.array([r[2] for r in rows])}
+    rows = [
+        (i, t.name, json.dumps(p)) for i, p in enumerate(prompts) for t in group.targets
+    ]  # example-major, as finch eval
+    batch = {
+        "example": np.array([r[0] for r in rows]),
+        "target": np.array([r[1] for r in rows]),
+        "messages": np.array([r[2] for r in rows]),
+    }
     out = generator(batch)
     finished = time.perf_counter()
     # keyed by adapter name, as the baseline: the registry refs are name@v1
-    answers = {(e, t.split("@")[0]): (a, n) for e, t, a, n in zip(out["example"], out["target"], out["answer"], out["answer_tokens"])}
+    answers = {
+        (e, t.split("@")[0]): (a, n)
+        for e, t, a, n in zip(out["example"], out["target"], out["answer"], out["answer_tokens"])
+    }
     del generator
     return answers, started - start, finished - started
 
 
-def baseline_generation(model_path: str, adapters: dict[str, Path], prompts: list, template: str, new_tokens: int,
-                        batch: int, dtype: torch.dtype, stop_ids: list[int]) -> tuple[dict, float, float]:
+def baseline_generation(
+    model_path: str,
+    adapters: dict[str, Path],
+    prompts: list,
+    template: str,
+    new_tokens: int,
+    batch: int,
+    dtype: torch.dtype,
+    stop_ids: list[int],
+) -> tuple[dict, float, float]:
     start = time.perf_counter()
     model = load_peft_model(model_path, adapters, dtype, "cpu")
     tokenizer = load_tokenizer(model_path)
@@ -92,8 +109,14 @@ def baseline_generation(model_path: str, adapters: dict[str, Path], prompts: lis
             with torch.inference_mode(), model.disable_adapter() if name == "base" else contextlib.nullcontext():
                 if name != "base":
                     model.set_adapter(name)
-                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                     do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             for offset, row in enumerate(out[:, width:].tolist()):
                 tokens = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
                 answers[(first + offset, name)] = (tokenizer.decode(row[:tokens], skip_special_tokens=True), tokens)
@@ -108,7 +131,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="baseline: prompts per generate call")
     args = parser.parse_args()
-    from finch.chat import stop_token_ids
+    from finch.models.tokenizer import stop_token_ids
 
     model_path = resolve_model_path(args.model)
     dtype, _ = inference_dtype("auto", detect_device(False))
@@ -117,33 +140,59 @@ def main() -> None:
     names = [f"bench-{i}" for i in range(args.adapters)]
     adapters = build_adapters(model_path, work / "adapters", names, rank=16, dtype=getattr(torch, dtype))
     template = "alpaca" if not getattr(load_tokenizer(model_path), "chat_template", None) else "chat"
-    run_config = {"name": "bench", "model": {"path": model_path, "dtype": dtype}, "data": {"train_files": ["x.jsonl"], "template": template}}
+    run_config = {
+        "name": "bench",
+        "model": {"path": model_path, "dtype": dtype},
+        "data": {"train_files": ["x.jsonl"], "template": template},
+    }
     for name, folder in adapters.items():
         publish_adapters(work / "registry", {name: folder}, model_path, args.model, template)
         manifest_path = work / "registry" / name / "v1" / "finch_manifest.json"
         manifest = json.loads(manifest_path.read_text()) | {"config": run_config}
         manifest_path.write_text(json.dumps(manifest))
-    config = validate_config({
-        "name": "bench", "models": ["base", *names], "model": {"path": model_path, "dtype": dtype}, "template": template,
-        "registry_dir": str(work / "registry"), "data": {"files": [str(REPO / PROMPT_FILES[0])]}, "metrics": ["answer_tokens"],
-        "generation": {"max_tokens": args.new_tokens}, "engine": {"max_model_len": 512},
-    }, schema=EvalConfig)
+    config = validate_config(
+        {
+            "name": "bench",
+            "models": ["base", *names],
+            "model": {"path": model_path, "dtype": dtype},
+            "template": template,
+            "registry_dir": str(work / "registry"),
+            "data": {"files": [str(REPO / PROMPT_FILES[0])]},
+            "metrics": ["answer_tokens"],
+            "generation": {"max_tokens": args.new_tokens},
+            "engine": {"max_model_len": 512},
+        },
+        schema=EvalConfig,
+    )
     print(f"machine: {machine_description(('torch', 'transformers', 'peft', 'vllm'))}")
     print(f"command: {command_line()}")
     baseline, baseline_load, baseline_s = baseline_generation(
-        model_path, adapters, prompts, template, args.new_tokens, args.batch, getattr(torch, dtype),
-        stop_token_ids(model_path, load_tokenizer(model_path)))
+        model_path,
+        adapters,
+        prompts,
+        template,
+        args.new_tokens,
+        args.batch,
+        getattr(torch, dtype),
+        stop_token_ids(model_path, load_tokenizer(model_path)),
+    )
     finch, finch_start, finch_s = finch_generation(config, prompts, dtype)
     finch_tokens = sum(n for _, n in finch.values())
     baseline_tokens = sum(n for _, n in baseline.values())
     equal = sum(finch[key][0].strip() == baseline[key][0].strip() for key in baseline)
-    print(f"\n{args.adapters} adapters + base, {len(prompts)} prompts, up to {args.new_tokens} new tokens, {dtype}; "
-          f"answers equal: {equal}/{len(baseline)}\n")
+    print(
+        f"\n{args.adapters} adapters + base, {len(prompts)} prompts, up to {args.new_tokens} new tokens, {dtype}; "
+        f"answers equal: {equal}/{len(baseline)}\n"
+    )
     print("| | start (s) | generation (s) | answer tokens | tokens/s | whole job tokens/s |")
     print("|---|---|---|---|---|---|")
-    for name, start, seconds, tokens in (("transformers + PEFT, batched per model", baseline_load, baseline_s, baseline_tokens),
-                                         ("finch eval (vLLM, one engine)", finch_start, finch_s, finch_tokens)):
-        print(f"| {name} | {start:.1f} | {seconds:.1f} | {tokens} | {tokens / seconds:.1f} | {tokens / (start + seconds):.1f} |")
+    for name, start, seconds, tokens in (
+        ("transformers + PEFT, batched per model", baseline_load, baseline_s, baseline_tokens),
+        ("finch eval (vLLM, one engine)", finch_start, finch_s, finch_tokens),
+    ):
+        print(
+            f"| {name} | {start:.1f} | {seconds:.1f} | {tokens} | {tokens / seconds:.1f} | {tokens / (start + seconds):.1f} |"
+        )
     speed = (finch_tokens / finch_s) / (baseline_tokens / baseline_s)
     whole = (finch_tokens / (finch_start + finch_s)) / (baseline_tokens / (baseline_load + baseline_s))
     print(f"\nfinch vs baseline: generation {speed:.2f}x, whole job {whole:.2f}x")

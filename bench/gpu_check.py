@@ -35,7 +35,9 @@ git-ignored):
 then the device tool's `run` with carry [".whl"] and timeout_s 480 (the check should take about 5 minutes;
 report.md is rewritten after every part, so a run cut short still returns what it measured):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:platform PYTHONUNBUFFERED=1 || exit; python3 bench/gpu_check.py --out $OUT
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:platform PYTHONUNBUFFERED=1 || exit; \
+      python3 bench/gpu_check.py --out $OUT
 
 On a CPU, `--smoke` runs all of it tiny (2 steps, sdpa and eager only) to check the script; its
 numbers mean nothing:
@@ -60,18 +62,35 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from machine import command_line, load_average, machine_description
 
 from finch.config import validate_config
-from machine import command_line, load_average, machine_description
 
 PAD_ID = 0  # random token ids start at 1, so the non-pad tokens are the ids that are not 0
 # Llama 3.2 1B: its vocabulary and tied embeddings, 16 layers of Llama 3's block.
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True,
-            "rope_theta": 500000.0, "max_position_embeddings": 8192}
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1024, "tie_word_embeddings": True,
-        "max_position_embeddings": 1024}
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 1024,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 1024,
+}
 # The attention kernels that need a package of their own, and which one.
 KERNEL_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 # Packed logits count as the separate ones within this fraction of the largest logit: bf16 keeps 8
@@ -98,8 +117,18 @@ class Plan:
 
 
 PLANS = {
-    "gpu": Plan(LLAMA_1B, 4, "bfloat16", 4096, (100, 1500), (1500, 900, 1300, 400, 700, 200), 2048,
-                ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"), 10, 3),
+    "gpu": Plan(
+        LLAMA_1B,
+        4,
+        "bfloat16",
+        4096,
+        (100, 1500),
+        (1500, 900, 1300, 400, 700, 200),
+        2048,
+        ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        10,
+        3,
+    ),
     # float32: a CPU without bf16 instructions runs bf16 about 100x slower (finch/precision.py)
     "smoke": Plan(TINY, 2, "float32", 256, (10, 150), (187, 112, 162, 50, 87, 25), 256, ("sdpa", "eager"), 2, 1),
 }
@@ -126,8 +155,10 @@ class Report:
 
 def gpu_description() -> str:
     props = torch.cuda.get_device_properties(0)
-    return (f"{props.name}, compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
-            f"driver {nvidia_driver()}, CUDA {torch.version.cuda}")
+    return (
+        f"{props.name}, compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
+        f"driver {nvidia_driver()}, CUDA {torch.version.cuda}"
+    )
 
 
 def nvidia_driver() -> str:
@@ -185,8 +216,16 @@ def run_config(args: argparse.Namespace, plan: Plan, work: Path, model_dir: str,
         "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0, "target_modules": "all-linear"},
         "qlora": {"quant_type": "nf4", "double_quant": True, "compute_dtype": plan.dtype},
         # 16-bit weights compute in their own type: no autocast (finch's 'auto' for LoRA on a GPU)
-        "train": {"method": method, "lr": 2e-4, "max_steps": args.warmup + args.steps, "batch_size": args.batch_size,
-                  "scheduler": "constant", "save_steps": 10**6, "logging_steps": 1, "mixed_precision": "no"},
+        "train": {
+            "method": method,
+            "lr": 2e-4,
+            "max_steps": args.warmup + args.steps,
+            "batch_size": args.batch_size,
+            "scheduler": "constant",
+            "save_steps": 10**6,
+            "logging_steps": 1,
+            "mixed_precision": "no",
+        },
         "scale": {"use_gpu": not args.smoke},
     }
 
@@ -197,8 +236,12 @@ def run_child(spec: dict[str, Any], work: Path, name: str, logs: Path) -> dict[s
     spec_path.write_text(json.dumps(spec | {"result": str(result_path)}))
     with log.open("w") as output:
         try:
-            code = subprocess.run([sys.executable, __file__, "--variant", str(spec_path)], stdout=output,
-                                  stderr=subprocess.STDOUT, timeout=CHILD_TIMEOUT_S).returncode
+            code = subprocess.run(
+                [sys.executable, __file__, "--variant", str(spec_path)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                timeout=CHILD_TIMEOUT_S,
+            ).returncode
         except subprocess.TimeoutExpired:
             code = f"timed out after {CHILD_TIMEOUT_S}s"
     with logs.open("a") as combined:
@@ -209,23 +252,28 @@ def run_child(spec: dict[str, Any], work: Path, name: str, logs: Path) -> dict[s
     return {"error": f"{name}: exit {code}: " + " / ".join(tail)}
 
 
-def training_section(args: argparse.Namespace, plan: Plan, work: Path, model_dir: str, report: Report, logs: Path) -> None:
+def training_section(
+    args: argparse.Namespace, plan: Plan, work: Path, model_dir: str, report: Report, logs: Path
+) -> None:
     rows_path, examples_path = work / "rows.json", work / "examples.json"
     # Enough examples for every step's rows (packing fills rows to ~97%), with a margin.
     needed_tokens = 1.1 * (args.warmup + args.steps) * args.batch_size * plan.max_length
-    examples = random_examples(int(needed_tokens / (sum(plan.example_lengths) / 2)) + 1, plan.example_lengths,
-                               plan.shape["vocab_size"])
+    examples = random_examples(
+        int(needed_tokens / (sum(plan.example_lengths) / 2)) + 1, plan.example_lengths, plan.shape["vocab_size"]
+    )
     rows = packed_rows(examples, plan.max_length)
     rows_path.write_text(json.dumps(rows))
     examples_path.write_text(json.dumps(examples))
     memory = "peak RSS GiB (CPU)" if args.smoke else "peak GPU GiB (max allocated)"
-    report.add(f"\n## 1. Training step, finch vs TRL SFTTrainer\n\n{len(examples)} random examples of "
-               f"{plan.example_lengths[0]}-{plan.example_lengths[1]} tokens (prompt 10-50% unlabelled), "
-               f"{len(rows)} finch rows of {plan.max_length}; batch {args.batch_size}, {args.warmup} warm-up + "
-               f"{args.steps} timed steps, lr 2e-4 constant, LoRA rank {args.rank} on all linear layers, "
-               f"{plan.dtype} weights.\n\n"
-               f"| method | attention | trained params | finch tokens/s | TRL tokens/s | finch/TRL | finch {memory} "
-               f"| TRL {memory} | finch/TRL | train loss finch / TRL |\n|---|---|---|---|---|---|---|---|---|---|")
+    report.add(
+        f"\n## 1. Training step, finch vs TRL SFTTrainer\n\n{len(examples)} random examples of "
+        f"{plan.example_lengths[0]}-{plan.example_lengths[1]} tokens (prompt 10-50% unlabelled), "
+        f"{len(rows)} finch rows of {plan.max_length}; batch {args.batch_size}, {args.warmup} warm-up + "
+        f"{args.steps} timed steps, lr 2e-4 constant, LoRA rank {args.rank} on all linear layers, "
+        f"{plan.dtype} weights.\n\n"
+        f"| method | attention | trained params | finch tokens/s | TRL tokens/s | finch/TRL | finch {memory} "
+        f"| TRL {memory} | finch/TRL | train loss finch / TRL |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     results = []
     for method in args.methods:  # a row as soon as it is measured: a run cut short keeps it
         config = run_config(args, plan, work, model_dir, method)
@@ -234,9 +282,11 @@ def training_section(args: argparse.Namespace, plan: Plan, work: Path, model_dir
         trl = run_child(spec | {"kind": "trl", "examples": str(examples_path)}, work, f"trl-{method}", logs)
         results.append({"method": method, "finch": finch, "trl": trl, "estimate": memory_estimate(config, model_dir)})
         report.add(training_row(results[-1]), training=results)
-    report.add(f"\n## 2. finch's memory estimate vs measured peak\n\n| method | estimate GiB | measured {memory} "
-               "| estimate/measured | peak reserved GiB | estimate's parts |\n|---|---|---|---|---|---|\n"
-               + "\n".join(estimate_row(result) for result in results))
+    report.add(
+        f"\n## 2. finch's memory estimate vs measured peak\n\n| method | estimate GiB | measured {memory} "
+        "| estimate/measured | peak reserved GiB | estimate's parts |\n|---|---|---|---|---|---|\n"
+        + "\n".join(estimate_row(result) for result in results)
+    )
 
 
 def memory_estimate(config: dict, model_dir: str) -> dict[str, Any]:
@@ -256,10 +306,12 @@ def training_row(result: dict[str, Any]) -> str:
     failed = [side["error"] for side in (finch, trl) if "error" in side]
     if failed:
         return f"| {result['method']} | failed: {' // '.join(failed)} |"
-    return (f"| {result['method']} | {finch['attention']} | {finch['trained']:,} / {trl['trained']:,} | "
-            f"{finch['tokens_per_s']:,.0f} | {trl['tokens_per_s']:,.0f} | {finch['tokens_per_s'] / trl['tokens_per_s']:.2f}x | "
-            f"{finch['peak_gib']:.2f} | {trl['peak_gib']:.2f} | {finch['peak_gib'] / trl['peak_gib']:.2f}x | "
-            f"{finch['train_loss']:.3f} / {trl['train_loss']:.3f} |")
+    return (
+        f"| {result['method']} | {finch['attention']} | {finch['trained']:,} / {trl['trained']:,} | "
+        f"{finch['tokens_per_s']:,.0f} | {trl['tokens_per_s']:,.0f} | {finch['tokens_per_s'] / trl['tokens_per_s']:.2f}x | "
+        f"{finch['peak_gib']:.2f} | {trl['peak_gib']:.2f} | {finch['peak_gib'] / trl['peak_gib']:.2f}x | "
+        f"{finch['train_loss']:.3f} / {trl['train_loss']:.3f} |"
+    )
 
 
 def estimate_row(result: dict[str, Any]) -> str:
@@ -269,21 +321,27 @@ def estimate_row(result: dict[str, Any]) -> str:
     if "error" in finch:
         return f"| {result['method']} | {estimate['total_gib']:.2f} | - | - | - | {estimate['describe']} |"
     reserved = "-" if finch["peak_reserved_gib"] is None else f"{finch['peak_reserved_gib']:.2f}"
-    return (f"| {result['method']} | {estimate['total_gib']:.2f} | {finch['peak_gib']:.2f} | "
-            f"{estimate['total_gib'] / finch['peak_gib']:.2f} | {reserved} | {estimate['describe']} |")
+    return (
+        f"| {result['method']} | {estimate['total_gib']:.2f} | {finch['peak_gib']:.2f} | "
+        f"{estimate['total_gib'] / finch['peak_gib']:.2f} | {reserved} | {estimate['describe']} |"
+    )
 
 
 def attention_section(args: argparse.Namespace, plan: Plan, work: Path, report: Report, logs: Path) -> None:
-    model_dir = save_random_llama(work / "attention-llama", plan.shape, plan.attention_layers, "cpu" if args.smoke else "cuda")
+    model_dir = save_random_llama(
+        work / "attention-llama", plan.shape, plan.attention_layers, "cpu" if args.smoke else "cuda"
+    )
     rng = random.Random(1)
     examples = [[rng.randrange(1, plan.shape["vocab_size"]) for _ in range(n)] for n in plan.attention_lengths]
-    report.add(f"\n## 3. Packed vs separate logits per attention kernel\n\nA {plan.attention_layers}-layer random "
-               f"Llama of the same shape in bf16; examples of {', '.join(map(str, plan.attention_lengths))} tokens "
-               f"packed into rows of {plan.attention_row}. Separate = every example's packed logits within "
-               f"{TOLERANCE:.0%} of the largest logit of its forward alone. 'Boundaries ignored' = the same rows "
-               f"without position_ids: what attending across examples does to the logits.\n\n"
-               "| attention | layout (finch's?) | max abs diff, packed vs alone | boundaries ignored | largest logit "
-               "| result | seconds |\n|---|---|---|---|---|---|---|")
+    report.add(
+        f"\n## 3. Packed vs separate logits per attention kernel\n\nA {plan.attention_layers}-layer random "
+        f"Llama of the same shape in bf16; examples of {', '.join(map(str, plan.attention_lengths))} tokens "
+        f"packed into rows of {plan.attention_row}. Separate = every example's packed logits within "
+        f"{TOLERANCE:.0%} of the largest logit of its forward alone. 'Boundaries ignored' = the same rows "
+        f"without position_ids: what attending across examples does to the logits.\n\n"
+        "| attention | layout (finch's?) | max abs diff, packed vs alone | boundaries ignored | largest logit "
+        "| result | seconds |\n|---|---|---|---|---|---|---|"
+    )
     checks = []
     for attention in plan.attentions:
         package = KERNEL_PACKAGES.get(attention)
@@ -292,8 +350,15 @@ def attention_section(args: argparse.Namespace, plan: Plan, work: Path, report: 
         else:
             # A process per kernel: a kernel that breaks the CUDA context or hangs in compilation
             # leaves the others' results standing.
-            spec = {"kind": "attention", "attention": attention, "model": model_dir, "examples": examples,
-                    "row": plan.attention_row, "dtype": "bfloat16", "use_gpu": not args.smoke}
+            spec = {
+                "kind": "attention",
+                "attention": attention,
+                "model": model_dir,
+                "examples": examples,
+                "row": plan.attention_row,
+                "dtype": "bfloat16",
+                "use_gpu": not args.smoke,
+            }
             result = run_child(spec, work, f"attention-{attention}", logs)
             found = result.get("checks") or [{"attention": attention, **result}]
         checks += found
@@ -305,8 +370,10 @@ def attention_row(check: dict[str, Any]) -> str:
         return f"| {check['attention']} | - | - | - | - | {check['error']} | - |"
     separate = check["diff"] <= TOLERANCE * check["scale"]
     verdict = "separate" if separate else "LEAKS (FAIL)" if check["finch"] else "LEAKS"
-    return (f"| {check['attention']} | {check['layout']} ({'yes' if check['finch'] else 'no'}) | {check['diff']:.4f} | "
-            f"{check['leak']:.4f} | {check['scale']:.3f} | {verdict} | {check['seconds']:.1f} |")
+    return (
+        f"| {check['attention']} | {check['layout']} ({'yes' if check['finch'] else 'no'}) | {check['diff']:.4f} | "
+        f"{check['leak']:.4f} | {check['scale']:.3f} | {verdict} | {check['seconds']:.1f} |"
+    )
 
 
 # ---- the variants, each in a process of its own ------------------------------------------------
@@ -343,7 +410,7 @@ def step_clock(warmup: int) -> Any:
 
 
 def timed_training(trainer: Any, warmup: int) -> dict[str, Any]:
-    from finch.train.trainers import peak_memory_gib
+    from finch.train.mixins import peak_memory_gib
 
     counter, clock = TokenCount(trainer.data_collator), step_clock(warmup)
     trainer.data_collator = counter
@@ -355,11 +422,17 @@ def timed_training(trainer: Any, warmup: int) -> dict[str, Any]:
     # reserved: what the caching allocator held at most, allocated or not (closer to what the GPU must have)
     reserved = torch.cuda.max_memory_reserved() / 2**30 if "peak_gpu_gib" in peak else None
     model = trainer.model
-    return {"tokens_per_s": tokens / seconds, "timed_tokens": tokens, "timed_seconds": seconds, "steps": steps,
-            "train_loss": output.metrics["train_loss"], "peak_gib": peak.get("peak_gpu_gib", peak["peak_rss_gib"]),
-            "peak_reserved_gib": reserved,
-            "attention": str(model.config._attn_implementation),
-            "trained": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "timed_tokens": tokens,
+        "timed_seconds": seconds,
+        "steps": steps,
+        "train_loss": output.metrics["train_loss"],
+        "peak_gib": peak.get("peak_gpu_gib", peak["peak_rss_gib"]),
+        "peak_reserved_gib": reserved,
+        "attention": str(model.config._attn_implementation),
+        "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
 
 
 def finch_variant(spec: dict[str, Any]) -> dict[str, Any]:
@@ -384,7 +457,7 @@ def trl_variant(spec: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from finch.models.loading import attention_implementation
-    from finch.train.trainers import hf_arguments
+    from finch.train.arguments import hf_arguments
 
     config = validate_config(spec["config"])
     extra: dict[str, Any] = {"dtype": getattr(torch, config.model.dtype)}
@@ -394,11 +467,19 @@ def trl_variant(spec: dict[str, Any]) -> dict[str, Any]:
     if config.train.method == "qlora":
         qlora = config.qlora
         extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=qlora.quant_type, bnb_4bit_use_double_quant=qlora.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, qlora.compute_dtype))
+            load_in_4bit=True,
+            bnb_4bit_quant_type=qlora.quant_type,
+            bnb_4bit_use_double_quant=qlora.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, qlora.compute_dtype),
+        )
     lora = config.lora
-    peft_config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                  target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    peft_config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     with tempfile.TemporaryDirectory() as output_dir:
         # finch's arguments say no autocast and no gradient checkpointing, where SFTConfig's defaults differ
         arguments = hf_arguments(config, output_dir) | {"save_strategy": "no"}
@@ -431,8 +512,13 @@ def attention_variant(spec: dict[str, Any]) -> dict[str, Any]:
     attention, examples = spec["attention"], spec["examples"]
     rows = packed_rows([{"input_ids": e, "labels": e} for e in examples], spec["row"])
     device = "cuda" if spec["use_gpu"] else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]),
-                                                 attn_implementation=attention).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            spec["model"], dtype=getattr(torch, spec["dtype"]), attn_implementation=attention
+        )
+        .to(device)
+        .eval()
+    )
     # as finch's loader does: with a KV cache, transformers ignores the position restarts
     model.config.use_cache = False
     flash = attention.startswith("flash_attention")
@@ -447,9 +533,18 @@ def attention_variant(spec: dict[str, Any]) -> dict[str, Any]:
             packed = model(input_ids=ids, position_ids=batch["position_ids"].to(device)).logits
             ignored = model(input_ids=ids).logits  # no position restarts: one causal sequence per row
             spans = [locate(batch["input_ids"].tolist(), e) for e in examples]
-            checks.append({"attention": attention, "layout": layout, "finch": finch, "rows": len(ids),
-                           "diff": max_diff(packed, alone, spans), "leak": max_diff(ignored, alone, spans),
-                           "scale": max(a.abs().max().item() for a in alone), "seconds": time.perf_counter() - started})
+            checks.append(
+                {
+                    "attention": attention,
+                    "layout": layout,
+                    "finch": finch,
+                    "rows": len(ids),
+                    "diff": max_diff(packed, alone, spans),
+                    "leak": max_diff(ignored, alone, spans),
+                    "scale": max(a.abs().max().item() for a in alone),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
             started = time.perf_counter()
     return {"checks": checks}
 
@@ -464,8 +559,10 @@ def locate(rows: list[list[int]], example: list[int]) -> tuple[int, int]:
 
 
 def max_diff(logits: torch.Tensor, alone: list[torch.Tensor], spans: list[tuple[int, int]]) -> float:
-    return max((logits[row, start : start + len(a)].float() - a.float()).abs().max().item()
-               for a, (row, start) in zip(alone, spans))
+    return max(
+        (logits[row, start : start + len(a)].float() - a.float()).abs().max().item()
+        for a, (row, start) in zip(alone, spans)
+    )
 
 
 VARIANTS = {"finch": finch_variant, "trl": trl_variant, "attention": attention_variant}
@@ -484,13 +581,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU, to check the script (~2 minutes)")
-    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="report folder (default: $OUT, else ./gpu_check_out)")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or "gpu_check_out",
+        help="report folder (default: $OUT, else ./gpu_check_out)",
+    )
     parser.add_argument("--steps", type=int, help="timed optimizer steps (default 10; --smoke 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first, at least 1 (default 3; --smoke 1)")
     parser.add_argument("--batch-size", type=int, default=2, help="packed rows per step (default 2)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--methods", default="lora,qlora", help="lora, qlora or both (default lora,qlora)")
-    parser.add_argument("--attention", default="auto", help="finch's model.attn_implementation for training (default auto)")
+    parser.add_argument(
+        "--attention", default="auto", help="finch's model.attn_implementation for training (default auto)"
+    )
     parser.add_argument("--skip-attention", action="store_true", help="leave out part 3 (packed vs separate logits)")
     args = parser.parse_args()
     plan = PLANS["smoke" if args.smoke else "gpu"]
@@ -507,8 +610,10 @@ def main() -> None:
     if args.variant:
         return run_variant(args.variant)
     if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("bench/gpu_check.py measures on a CUDA GPU and this machine has none; "
-                         "--smoke runs it tiny on the CPU to check the script")
+        raise SystemExit(
+            "bench/gpu_check.py measures on a CUDA GPU and this machine has none; "
+            "--smoke runs it tiny on the CPU to check the script"
+        )
     started, plan = time.perf_counter(), PLANS["smoke" if args.smoke else "gpu"]
     # Every model is built here: a hub lookup could only stall (the device machine has no network).
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -516,10 +621,13 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     modules = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
     smoke = " (smoke run on CPU: it checks the script; its numbers mean nothing)" if args.smoke else ""
-    report.add(f"# finch GPU check{smoke}\n\n"
-               f"machine: {machine_description(modules, device)}; load average {load_average()}\n\n"
-               f"GPU: {gpu_description() if not args.smoke else 'none'}\n\ncommand: {command_line()}",
-               command=command_line(), args=vars(args))
+    report.add(
+        f"# finch GPU check{smoke}\n\n"
+        f"machine: {machine_description(modules, device)}; load average {load_average()}\n\n"
+        f"GPU: {gpu_description() if not args.smoke else 'none'}\n\ncommand: {command_line()}",
+        command=command_line(),
+        args=vars(args),
+    )
     logs = report.out / "variants.log"
     logs.write_text("")
     with tempfile.TemporaryDirectory(prefix="finch-gpu-check-") as tmp:
@@ -528,8 +636,10 @@ def main() -> None:
         training_section(args, plan, work, model_dir, report, logs)
         if not args.skip_attention:
             attention_section(args, plan, work, report, logs)
-    report.add(f"\nTotal time: {time.perf_counter() - started:.0f}s; load average {load_average()} at the end",
-               total_seconds=time.perf_counter() - started)
+    report.add(
+        f"\nTotal time: {time.perf_counter() - started:.0f}s; load average {load_average()} at the end",
+        total_seconds=time.perf_counter() - started,
+    )
 
 
 if __name__ == "__main__":

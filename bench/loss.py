@@ -29,7 +29,6 @@ import sys
 import time
 
 import torch
-
 from machine import command_line, machine_description
 
 VARIANTS = ("model", "trl", "labelled", "labelled+checkpointing")
@@ -39,8 +38,8 @@ MODEL_LOSS_MAX_TOKENS = 2048
 def sft_batch(folder: str) -> dict[str, torch.Tensor]:
     from finch.data.formats import detect_format, normalize
     from finch.data.packing import pack_examples
-    from finch.data.pipeline import load_tokenizer
     from finch.data.tokenization import tokenize_sample
+    from finch.models.tokenizer import load_tokenizer
     from finch.train.collate import RowCollator
 
     tokenizer = load_tokenizer(folder)
@@ -48,7 +47,11 @@ def sft_batch(folder: str) -> dict[str, torch.Tensor]:
     with open("jobs/data/concierge.jsonl") as lines:
         for number, line in enumerate(lines, 1):
             record = json.loads(line)
-            examples.append(tokenize_sample(normalize(record, detect_format(record), f"concierge:{number}"), "alpaca", tokenizer, 256))
+            examples.append(
+                tokenize_sample(
+                    normalize(record, detect_format(record), f"concierge:{number}"), "alpaca", tokenizer, 256
+                )
+            )
     rows = pack_examples([e.input_ids for e in examples], [e.labels for e in examples], 256, tokenizer.pad_token_id)
     return RowCollator(tokenizer.pad_token_id)([{k: rows[k][i] for k in rows} for i in range(2)])
 
@@ -87,11 +90,14 @@ def measure(variant: str, batch_name: str, steps: int, dtype: str) -> dict[str, 
     from finch.models.gemma_gguf import ensure_gemma3_270m
     from finch.models.loading import apply_lora, load_base_model
     from finch.train.loss import LabelledHead
-    from finch.train.trainers import peak_memory_gib
+    from finch.train.mixins import peak_memory_gib
 
     folder = str(ensure_gemma3_270m())
     batch = make_batch(batch_name, folder)
-    model = apply_lora(load_base_model(ModelConfig(path=folder, dtype=dtype), folder), LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    model = apply_lora(
+        load_base_model(ModelConfig(path=folder, dtype=dtype), folder),
+        LoraConfig(r=16, alpha=32, target_modules="all-linear"),
+    )
     if variant == "trl":
         from trl.trainer.utils import add_fused_lm_head
 
@@ -109,8 +115,12 @@ def measure(variant: str, batch_name: str, steps: int, dtype: str) -> dict[str, 
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
-    return {"seconds": sum(times[1:]) / steps, "peak_gib": peak_memory_gib()["peak_rss_gib"],
-            "labelled": int((batch["labels"][:, 1:] != -100).sum()), "tokens": batch["input_ids"].numel()}
+    return {
+        "seconds": sum(times[1:]) / steps,
+        "peak_gib": peak_memory_gib()["peak_rss_gib"],
+        "labelled": int((batch["labels"][:, 1:] != -100).sum()),
+        "tokens": batch["input_ids"].numel(),
+    }
 
 
 def run_variant(variant: str, batch: str, steps: int, dtype: str) -> dict[str, float]:
@@ -121,13 +131,25 @@ def run_variant(variant: str, batch: str, steps: int, dtype: str) -> dict[str, f
 def compare(batch: str, steps: int, dtype: str) -> dict[str, dict[str, float]]:
     """Every variant on one batch (the model's own loss only up to MODEL_LOSS_MAX_TOKENS tokens a row)."""
     long_row = batch not in ("sft", "long") and int(batch) > MODEL_LOSS_MAX_TOKENS
-    results = {variant: run_variant(variant, batch, steps, dtype) for variant in VARIANTS if not (long_row and variant == "model")}
+    results = {
+        variant: run_variant(variant, batch, steps, dtype)
+        for variant in VARIANTS
+        if not (long_row and variant == "model")
+    }
     some = next(iter(results.values()))
     print(f"{batch}: {some['tokens']} tokens, {some['labelled']} labelled")
     base = results.get("model")
     for variant, result in results.items():
-        versus = f" ({base['seconds'] / result['seconds']:.2f}x faster, {base['peak_gib'] / result['peak_gib']:.2f}x less memory than the model's loss)" if base else ""
-        print(f"  {variant:>24}: {result['seconds']:.2f} s/step, peak RSS {result['peak_gib']:.2f} GiB{versus}", flush=True)
+        versus = (
+            f" ({base['seconds'] / result['seconds']:.2f}x faster, "
+            f"{base['peak_gib'] / result['peak_gib']:.2f}x less memory than the model's loss)"
+            if base
+            else ""
+        )
+        print(
+            f"  {variant:>24}: {result['seconds']:.2f} s/step, peak RSS {result['peak_gib']:.2f} GiB{versus}",
+            flush=True,
+        )
     return results
 
 

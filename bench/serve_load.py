@@ -38,19 +38,24 @@ from pathlib import Path
 
 import httpx
 import torch
+from machine import command_line, load_average, machine_description
+from serve_multilora import build_adapters, publish_adapters
 
 from finch.config import ServeConfig, validate_config
 from finch.models.gemma_gguf import GEMMA3_270M_URI
 from finch.models.source import resolve_model_path
 from finch.precision import detect_device, inference_dtype
-from machine import command_line, load_average, machine_description
-from serve_multilora import build_adapters, publish_adapters
 
 ADAPTERS = ["a1", "a2", "a3", "a4"]
 SPARE = "a5"
 MODELS = ["base", *ADAPTERS]
-QUESTIONS = ["What's the wifi password?", "When is breakfast served?", "Can I check out late?",
-             "Is there parking?", "My card was charged twice, please refund one."]
+QUESTIONS = [
+    "What's the wifi password?",
+    "When is breakfast served?",
+    "Can I check out late?",
+    "Is there parking?",
+    "My card was charged twice, please refund one.",
+]
 
 
 @dataclass
@@ -68,8 +73,12 @@ class Client:
         self.http = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=256))
 
     def chat(self, model: str) -> Outcome:
-        body = {"model": model, "max_tokens": self.max_tokens, "temperature": 0,
-                "messages": [{"role": "user", "content": random.choice(QUESTIONS)}]}
+        body = {
+            "model": model,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": random.choice(QUESTIONS)}],
+        }
         started = time.monotonic()
         try:
             response = self.http.post(f"{self.url}/v1/chat/completions", json=body, headers=self.headers)
@@ -98,8 +107,14 @@ def percentile(values: list[float], share: float) -> float:
 
 def summary(outcomes: list[Outcome], seconds: float) -> dict[str, float]:
     ok = [o.seconds for o in outcomes if o.status == 200]
-    return {"requests": len(outcomes), "success": len(ok) / len(outcomes), "p50": percentile(ok, 0.5),
-            "p95": percentile(ok, 0.95), "p99": percentile(ok, 0.99), "rps": len(outcomes) / seconds}
+    return {
+        "requests": len(outcomes),
+        "success": len(ok) / len(outcomes),
+        "p50": percentile(ok, 0.5),
+        "p95": percentile(ok, 0.95),
+        "p99": percentile(ok, 0.99),
+        "rps": len(outcomes) / seconds,
+    }
 
 
 def churn(client: Client, stop: threading.Event, results: list[Outcome]) -> None:
@@ -133,8 +148,10 @@ def replica_pids(app: str) -> list[int]:
     import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                         filters=[("class_name", "=", f"ServeReplica:{app}:finch"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", f"ServeReplica:{app}:finch"), ("state", "=", "ALIVE")],
+    )
     return [actor["pid"] for actor in actors]
 
 
@@ -169,15 +186,20 @@ def kill_phase(client: Client, app: str, replicas: int) -> dict[str, float]:
         thread.join()
     failed = [o for o in outcomes[before:during] if o.status != 200]
     after = outcomes[during:]
-    return {"requests_during": during - before, "failed_during": len(failed), "recovered_s": recovered_s,
-            "failed_statuses": dict(Counter(o.status for o in failed)),
-            "after_success": sum(o.status == 200 for o in after) / max(1, len(after)), "after_requests": len(after)}
+    return {
+        "requests_during": during - before,
+        "failed_during": len(failed),
+        "recovered_s": recovered_s,
+        "failed_statuses": dict(Counter(o.status for o in failed)),
+        "after_success": sum(o.status == 200 for o in after) / max(1, len(after)),
+        "after_requests": len(after),
+    }
 
 
 def prompt_template(model_path: str) -> str:
     """What finch trains with on this base: its chat template, or the plain alpaca one (the quickstart's Gemma)."""
-    from finch.data.pipeline import load_tokenizer
     from finch.data.templates import resolve_template
+    from finch.models.tokenizer import load_tokenizer
 
     return resolve_template("auto", load_tokenizer(model_path))
 
@@ -189,54 +211,87 @@ def free_port() -> int:
 
 
 def serve_config(args: argparse.Namespace, model_path: str, registry: Path, port: int) -> ServeConfig:
-    return validate_config({
-        "name": "load",
-        "model": {"path": model_path, "dtype": args.dtype},
-        "registry_dir": str(registry),
-        "adapters": ADAPTERS,
-        "engine": {"max_model_len": 512, "max_loras": 6, "max_lora_rank": 16},
-        "server": {"port": port, "num_replicas": args.replicas, "cpus_per_replica": 0.5,
-                   "max_ongoing_requests": args.max_ongoing, "max_queued_requests": args.max_queued,
-                   "max_tokens_limit": args.max_tokens, "request_timeout_s": 120},
-    }, schema=ServeConfig)
+    return validate_config(
+        {
+            "name": "load",
+            "model": {"path": model_path, "dtype": args.dtype},
+            "registry_dir": str(registry),
+            "adapters": ADAPTERS,
+            "engine": {"max_model_len": 512, "max_loras": 6, "max_lora_rank": 16},
+            "server": {
+                "port": port,
+                "num_replicas": args.replicas,
+                "cpus_per_replica": 0.5,
+                "max_ongoing_requests": args.max_ongoing,
+                "max_queued_requests": args.max_queued,
+                "max_tokens_limit": args.max_tokens,
+                "request_timeout_s": 120,
+            },
+        },
+        schema=ServeConfig,
+    )
 
 
 def print_report(args, baseline, load, admin, burst, kill) -> None:
     base_stats = summary(*baseline)
     load_stats = summary(load[0], load[1])
     statuses = Counter(o.status for o in load[0])
-    print("\n## Load: %d requests at concurrency %d over base + %d adapters, adapter churn in the middle third\n"
-          % (args.requests, args.concurrency, len(ADAPTERS)))
+    print(
+        f"\n## Load: {args.requests} requests at concurrency {args.concurrency} over base + {len(ADAPTERS)} "
+        "adapters, adapter churn in the middle third\n"
+    )
     print("| phase | requests | success | p50 s | p95 s | p99 s | requests/s |")
     print("|---|---|---|---|---|---|---|")
     for name, stats in (("one at a time (baseline)", base_stats), (f"concurrency {args.concurrency}", load_stats)):
-        print(f"| {name} | {stats['requests']} | {stats['success']:.1%} | {stats['p50']:.2f} | {stats['p95']:.2f} "
-              f"| {stats['p99']:.2f} | {stats['rps']:.2f} |")
-    print(f"\nstatuses under load: {dict(statuses)}; throughput {load_stats['rps'] / base_stats['rps']:.2f}x the baseline, "
-          f"p50 latency {load_stats['p50'] / base_stats['p50']:.2f}x")
+        print(
+            f"| {name} | {stats['requests']} | {stats['success']:.1%} | {stats['p50']:.2f} | {stats['p95']:.2f} "
+            f"| {stats['p99']:.2f} | {stats['rps']:.2f} |"
+        )
+    print(
+        f"\nstatuses under load: {dict(statuses)}; throughput {load_stats['rps'] / base_stats['rps']:.2f}x the baseline, "
+        f"p50 latency {load_stats['p50'] / base_stats['p50']:.2f}x"
+    )
     errors = Counter(o.error for o in [*baseline[0], *load[0], *burst[0]] if o.error and o.status != 503)
     if errors:
         print(f"errors other than 503: {dict(errors.most_common(5))}")
     admin_statuses = Counter(o.status for o in admin)
-    print(f"admin calls during the load: {len(admin)} ({dict(admin_statuses)}), p50 {statistics.median(o.seconds for o in admin):.2f} s"
-          if admin else "admin calls during the load: none (the middle third finished first)")
+    print(
+        f"admin calls during the load: {len(admin)} ({dict(admin_statuses)}), "
+        f"p50 {statistics.median(o.seconds for o in admin):.2f} s"
+        if admin
+        else "admin calls during the load: none (the middle third finished first)"
+    )
     burst_statuses = Counter(o.status for o in burst[0])
     rejected = [o for o in burst[0] if o.status == 503]
-    print(f"\n## Past capacity: {len(burst[0])} requests at once (capacity {args.replicas} x ({args.max_ongoing} + {args.max_queued}))\n")
-    print(f"statuses: {dict(burst_statuses)}; every 503 with Retry-After: {all(o.retry_after for o in rejected)} "
-          f"({Counter(o.retry_after for o in rejected)}); 503s answered in p50 {percentile([o.seconds for o in rejected], 0.5):.2f} s; "
-          f"slowest answer {max(o.seconds for o in burst[0]):.1f} s")
+    print(
+        f"\n## Past capacity: {len(burst[0])} requests at once "
+        f"(capacity {args.replicas} x ({args.max_ongoing} + {args.max_queued}))\n"
+    )
+    print(
+        f"statuses: {dict(burst_statuses)}; every 503 with Retry-After: {all(o.retry_after for o in rejected)} "
+        f"({Counter(o.retry_after for o in rejected)}); "
+        f"503s answered in p50 {percentile([o.seconds for o in rejected], 0.5):.2f} s; "
+        f"slowest answer {max(o.seconds for o in burst[0]):.1f} s"
+    )
     print("\n## Replica killed (SIGKILL) under traffic at concurrency 4\n")
-    print(f"{kill['failed_during']} of {kill['requests_during']} requests failed {kill['failed_statuses']} "
-          f"(0: connection closed) until Serve ran {args.replicas} replicas again "
-          f"({kill['recovered_s']:.0f} s); afterwards {kill['after_success']:.0%} of {kill['after_requests']} succeeded")
+    print(
+        f"{kill['failed_during']} of {kill['requests_during']} requests failed {kill['failed_statuses']} "
+        f"(0: connection closed) until Serve ran {args.replicas} replicas again "
+        f"({kill['recovered_s']:.0f} s); afterwards {kill['after_success']:.0%} of {kill['after_requests']} succeeded"
+    )
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=GEMMA3_270M_URI, help=f"base model: a HF folder, or {GEMMA3_270M_URI} (default)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="'auto': bfloat16 where the device runs it natively, else float32 (float16 on older GPUs)")
+    parser.add_argument(
+        "--model", default=GEMMA3_270M_URI, help=f"base model: a HF folder, or {GEMMA3_270M_URI} (default)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="'auto': bfloat16 where the device runs it natively, else float32 (float16 on older GPUs)",
+    )
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--baseline-requests", type=int, default=20)
@@ -260,7 +315,9 @@ def main() -> None:
     print(f"command: {command_line()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="finch-bench-load-") as tmp:
         registry = Path(tmp) / "registry"
-        adapters = build_adapters(model_path, Path(tmp) / "adapters", ADAPTERS + [SPARE], 16, getattr(torch, args.dtype))
+        adapters = build_adapters(
+            model_path, Path(tmp) / "adapters", ADAPTERS + [SPARE], 16, getattr(torch, args.dtype)
+        )
         publish_adapters(registry, adapters, model_path, args.model, prompt_template(model_path))
         config = serve_config(args, model_path, registry, free_port())
         started = time.monotonic()

@@ -41,10 +41,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import command_line, load_average, machine_description
 
 from finch.config import EngineConfig
 from finch.fingerprint import fingerprint_model_folder
@@ -53,7 +55,6 @@ from finch.models.source import resolve_model_path
 from finch.precision import detect_device, inference_dtype
 from finch.registry.store import publish
 from finch.serve.engine import ServingEngine
-from machine import command_line, load_average, machine_description
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Request i gets a prompt of PROMPT_LENGTHS[i % 4] tokens in every variant: the same prefill work everywhere.
@@ -132,7 +133,9 @@ def build_adapters(model_path: str, folder: Path, names: list[str], rank: int, d
     return {name: folder / name for name in names}
 
 
-def publish_adapters(registry: Path, adapters: dict[str, Path], model_path: str, model_id: str, template: str = "chat") -> None:
+def publish_adapters(
+    registry: Path, adapters: dict[str, Path], model_path: str, model_id: str, template: str = "chat"
+) -> None:
     """Registry entries whose manifest names the base model, which finch's engine checks before loading,
     and the prompt template chat requests are rendered with."""
     base = {"fingerprint": fingerprint_model_folder(model_path), "id": model_id}
@@ -145,7 +148,12 @@ def publish_adapters(registry: Path, adapters: dict[str, Path], model_path: str,
 
 
 def naive_throughput(
-    model_path: str, adapters: dict[str, Path], prompts: list[list[int]], new_tokens: int, dtype: torch.dtype, device: str
+    model_path: str,
+    adapters: dict[str, Path],
+    prompts: list[list[int]],
+    new_tokens: int,
+    dtype: torch.dtype,
+    device: str,
 ) -> Measurement:
     model = load_peft_model(model_path, adapters, dtype, device)
     naive_generate(model, prompts[0], next(iter(adapters)), 2, device)  # warm-up: first-call costs are not timed
@@ -172,8 +180,13 @@ def load_peft_model(model_path: str, adapters: dict[str, Path], dtype: torch.dty
 
 def naive_generate(model, prompt: list[int], adapter: str | None, new_tokens: int, device: str) -> int:
     ids = torch.tensor([prompt], device=device)
-    settings = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
-                "do_sample": False, "pad_token_id": 0}
+    settings = {
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
     with torch.inference_mode():
         if adapter is None:
             with model.disable_adapter():
@@ -220,11 +233,19 @@ def greedy_params(new_tokens: int):
 
     # detokenize=False: the naive baseline returns token ids too, and detokenizing costs the same
     # for every adapter mix, so it would only blur the ratios.
-    return SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, ignore_eos=True,
-                          detokenize=False, output_kind=RequestOutputKind.DELTA)
+    return SamplingParams(
+        max_tokens=new_tokens,
+        min_tokens=new_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+    )
 
 
-async def count_generated(engine: ServingEngine, prompt: list[int], adapter: str | None, params, request_id: str) -> int:
+async def count_generated(
+    engine: ServingEngine, prompt: list[int], adapter: str | None, params, request_id: str
+) -> int:
     tokens = 0
     async for output in engine.generate(prompt, params, adapter, request_id):
         tokens += len(output.outputs[0].token_ids)  # DELTA outputs carry only the new tokens
@@ -251,7 +272,9 @@ def traffic_variants(served: list[str], adapter_counts: list[int]) -> dict[str, 
     return {BASE_ONLY: [None], **mixes}
 
 
-async def throughput_rounds(engine: ServingEngine, setup: Setup, args: argparse.Namespace) -> dict[str, list[Measurement]]:
+async def throughput_rounds(
+    engine: ServingEngine, setup: Setup, args: argparse.Namespace
+) -> dict[str, list[Measurement]]:
     variants = list(enumerate(traffic_variants(setup.served, args.adapter_counts).items()))
     results: dict[str, list[Measurement]] = {name: [] for _, (name, _) in variants}
     for round_index in range(args.rounds):
@@ -259,10 +282,17 @@ async def throughput_rounds(engine: ServingEngine, setup: Setup, args: argparse.
         ordered = variants if round_index % 2 == 0 else variants[::-1]
         for variant_index, (name, targets) in ordered:
             prompts = make_prompts(args.requests, setup.vocab_size, seed=1000 + 100 * round_index + variant_index)
-            batch = await timed_batch(engine, prompts, round_robin(targets, args.requests), args.new_tokens,
-                                      f"r{round_index}-v{variant_index}")
+            batch = await timed_batch(
+                engine,
+                prompts,
+                round_robin(targets, args.requests),
+                args.new_tokens,
+                f"r{round_index}-v{variant_index}",
+            )
             results[name].append(batch)
-            print(f"  round {round_index + 1}/{args.rounds}, {name}: {batch.tokens_per_second:.1f} tokens/s", flush=True)
+            print(
+                f"  round {round_index + 1}/{args.rounds}, {name}: {batch.tokens_per_second:.1f} tokens/s", flush=True
+            )
     return results
 
 
@@ -278,9 +308,10 @@ async def load_latencies(engine: ServingEngine, refs: list[str]) -> dict[str, li
         samples[label].append((time.perf_counter() - start) * 1000)
 
     for ref in refs:
-        await timed("load (not loaded before)", lambda: engine.load(ref))
-        await timed("unload + load again", lambda: engine.unload(ref), lambda: engine.load(ref))
-        await timed("unload", lambda: engine.unload(ref))
+        load, unload = partial(engine.load, ref), partial(engine.unload, ref)
+        await timed("load (not loaded before)", load)
+        await timed("unload + load again", unload, load)
+        await timed("unload", unload)
     return samples
 
 
@@ -324,17 +355,23 @@ def ratio_to_base(runs: list[Measurement], base_runs: list[Measurement]) -> floa
 
 
 def throughput_table(results: dict[str, list[Measurement]], naive: Measurement, args: argparse.Namespace) -> str:
-    rows = ["| traffic | requests | tokens | seconds | tokens/s | vs base-only | vs naive |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| traffic | requests | tokens | seconds | tokens/s | vs base-only | vs naive |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, runs in results.items():
         batch = median_batch(runs)
-        rows.append(f"| vLLM, {name} | {args.requests} | {batch.tokens} | {batch.seconds:.2f} | "
-                    f"{batch.tokens_per_second:.1f} | {ratio_to_base(runs, results[BASE_ONLY]):.2f}x | "
-                    f"{batch.tokens_per_second / naive.tokens_per_second:.2f}x |")
+        rows.append(
+            f"| vLLM, {name} | {args.requests} | {batch.tokens} | {batch.seconds:.2f} | "
+            f"{batch.tokens_per_second:.1f} | {ratio_to_base(runs, results[BASE_ONLY]):.2f}x | "
+            f"{batch.tokens_per_second / naive.tokens_per_second:.2f}x |"
+        )
     naive_vs_base = naive.tokens_per_second / median_batch(results[BASE_ONLY]).tokens_per_second
-    rows.append(f"| naive: transformers+PEFT, set_adapter per request, base + {max(args.adapter_counts)} adapters | "
-                f"{args.naive_requests} | {naive.tokens} | {naive.seconds:.2f} | {naive.tokens_per_second:.1f} | "
-                f"{naive_vs_base:.2f}x | 1.00x |")
+    rows.append(
+        f"| naive: transformers+PEFT, set_adapter per request, base + {max(args.adapter_counts)} adapters | "
+        f"{args.naive_requests} | {naive.tokens} | {naive.seconds:.2f} | {naive.tokens_per_second:.1f} | "
+        f"{naive_vs_base:.2f}x | 1.00x |"
+    )
     return "\n".join(rows)
 
 
@@ -346,12 +383,18 @@ def latency_table(samples: dict[str, list[float]]) -> str:
 
 
 def print_report(
-    args: argparse.Namespace, device: str, throughput: dict[str, list[Measurement]], naive: Measurement,
-    latencies: dict[str, list[float]], startup: float,
+    args: argparse.Namespace,
+    device: str,
+    throughput: dict[str, list[Measurement]],
+    naive: Measurement,
+    latencies: dict[str, list[float]],
+    startup: float,
 ) -> None:
-    print(f"\nDate: {date.today().isoformat()}. Model: {args.model} ({args.dtype}, {device}); adapters: rank {args.rank} "
-          f"on {', '.join(LORA_TARGETS)}. Each request: a {'/'.join(map(str, PROMPT_LENGTHS))}-token prompt (cycled), "
-          f"{args.new_tokens} greedy tokens; vLLM: {args.rounds} round(s), median seconds shown; engine start-up {startup:.0f}s.\n")
+    print(
+        f"\nDate: {date.today().isoformat()}. Model: {args.model} ({args.dtype}, {device}); adapters: rank {args.rank} "
+        f"on {', '.join(LORA_TARGETS)}. Each request: a {'/'.join(map(str, PROMPT_LENGTHS))}-token prompt (cycled), "
+        f"{args.new_tokens} greedy tokens; vLLM: {args.rounds} round(s), median seconds shown; engine start-up {startup:.0f}s.\n"
+    )
     print(throughput_table(throughput, naive, args))
     print()
     print(latency_table(latencies))
@@ -363,18 +406,38 @@ def print_report(
 def parse_args() -> argparse.Namespace:
     full, quick = DEFAULTS["full"], DEFAULTS["quick"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=GEMMA3_270M_URI, help=f"base model: a HF folder, or {GEMMA3_270M_URI} (default)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                        help="'auto': bfloat16 where the device runs it natively, else float32 (float16 on older GPUs)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in quick.items()))
-    parser.add_argument("--adapter-counts", default="1,2,4,8", type=lambda s: sorted({int(n) for n in s.split(",")}),
-                        help="N of the mixed-traffic variants (default 1,2,4,8)")
+    parser.add_argument(
+        "--model", default=GEMMA3_270M_URI, help=f"base model: a HF folder, or {GEMMA3_270M_URI} (default)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="'auto': bfloat16 where the device runs it natively, else float32 (float16 on older GPUs)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: " + ", ".join(f"{k} {v}" for k, v in quick.items())
+    )
+    parser.add_argument(
+        "--adapter-counts",
+        default="1,2,4,8",
+        type=lambda s: sorted({int(n) for n in s.split(",")}),
+        help="N of the mixed-traffic variants (default 1,2,4,8)",
+    )
     parser.add_argument("--rank", type=int, default=16, choices=[8, 16, 32, 64], help="LoRA rank (default 16)")
-    parser.add_argument("--requests", type=int, help=f"requests per variant, submitted at once (default {full['requests']})")
+    parser.add_argument(
+        "--requests", type=int, help=f"requests per variant, submitted at once (default {full['requests']})"
+    )
     parser.add_argument("--new-tokens", type=int, help=f"tokens generated per request (default {full['new_tokens']})")
-    parser.add_argument("--rounds", type=int, help=f"runs of every vLLM variant; medians are shown (default {full['rounds']})")
-    parser.add_argument("--naive-requests", type=int, help=f"requests of the naive baseline (default {full['naive_requests']})")
-    parser.add_argument("--load-adapters", type=int, help=f"adapters the load test loads (default {full['load_adapters']})")
+    parser.add_argument(
+        "--rounds", type=int, help=f"runs of every vLLM variant; medians are shown (default {full['rounds']})"
+    )
+    parser.add_argument(
+        "--naive-requests", type=int, help=f"requests of the naive baseline (default {full['naive_requests']})"
+    )
+    parser.add_argument(
+        "--load-adapters", type=int, help=f"adapters the load test loads (default {full['load_adapters']})"
+    )
     args = parser.parse_args()
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -404,7 +467,10 @@ def start_engine_benchmark(args: argparse.Namespace) -> tuple[str, str]:
     import_vllm_engine()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype, _ = inference_dtype(args.dtype, detect_device(device == "cuda"))
-    print(f"machine: {machine_description(('torch', 'vllm', 'transformers', 'peft'), device)}; load average {load_average()} at start")
+    print(
+        f"machine: {machine_description(('torch', 'vllm', 'transformers', 'peft'), device)}; "
+        f"load average {load_average()} at start"
+    )
     print(f"command: {command_line()}", flush=True)
     return model_path, device
 

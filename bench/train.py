@@ -46,12 +46,12 @@ from pathlib import Path
 
 import psutil
 import yaml
+from machine import command_line, load_average, machine_description
 
 from finch.config import validate_config
 from finch.models.gemma_gguf import GEMMA3_270M_URI
 from finch.models.source import resolve_model_path
-from finch.registry.store import resolve_adapter
-from machine import command_line, load_average, machine_description
+from finch.registry.store import resolve_entry
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "gsm8k_chat_train.jsonl"
 FINCH = str(Path(sys.executable).with_name("finch"))
@@ -77,11 +77,22 @@ def run_config(args: argparse.Namespace, work: Path, method: str, workers: int) 
         "registry_dir": str(work / "registry"),
         # full fine-tuning keeps fp32 master weights (finch refuses 16-bit ones) and autocasts to bf16
         "model": {"path": args.model, "dtype": "bfloat16" if method == "lora" else "float32"},
-        "data": {"train_files": [str(work / "train.jsonl")], "template": "alpaca", "max_length": args.max_length,
-                 "packing": True},
-        "train": {"method": method, "lr": 1e-4 if method == "lora" else 1e-5, "epochs": 1,
-                  "batch_size": args.batch_size // workers, "scheduler": "constant", "save_steps": 10**6,
-                  "logging_steps": 1, "mixed_precision": "no" if method == "lora" else "bf16"},
+        "data": {
+            "train_files": [str(work / "train.jsonl")],
+            "template": "alpaca",
+            "max_length": args.max_length,
+            "packing": True,
+        },
+        "train": {
+            "method": method,
+            "lr": 1e-4 if method == "lora" else 1e-5,
+            "epochs": 1,
+            "batch_size": args.batch_size // workers,
+            "scheduler": "constant",
+            "save_steps": 10**6,
+            "logging_steps": 1,
+            "mixed_precision": "no" if method == "lora" else "bf16",
+        },
         "scale": {"num_workers": workers},
     }
     if method == "lora":
@@ -107,10 +118,8 @@ class Memory:
             self.root_rss = max(self.root_rss, processes[0].memory_info().rss)
         sizes = {}
         for process in processes:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 sizes[f"{process.pid} {process.name()}"] = process.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
         if sizes:
             self.largest_process = max(self.largest_process, *sizes.values())
         if sum(sizes.values()) > self.total:
@@ -132,7 +141,9 @@ def run_measured(command: list[str], log: Path) -> tuple[float, Memory]:
         code = process.wait()
         sampler.join()
     if code != 0:
-        raise SystemExit(f"{' '.join(command[:3])} ... failed (exit {code}); its output: {log}\n{log.read_text()[-3000:]}")
+        raise SystemExit(
+            f"{' '.join(command[:3])} ... failed (exit {code}); its output: {log}\n{log.read_text()[-3000:]}"
+        )
     return time.perf_counter() - started, memory
 
 
@@ -154,21 +165,41 @@ def finch_variant(args: argparse.Namespace, work: Path, method: str, workers: in
     path = work / f"{config['name']}.yaml"
     path.write_text(yaml.safe_dump(config))
     wall, memory = run_measured([FINCH, "train", str(path), "--overwrite"], work / f"{config['name']}.log")
-    metrics = resolve_adapter(config["registry_dir"], config["name"]).manifest["metrics"]
-    return Result(f"finch, {method}, {workers} worker{'s' * (workers > 1)} (packed)", method, metrics["train_runtime"], wall,
-                  memory, metrics["train_loss"], int(metrics["step"]))
+    metrics = resolve_entry(config["registry_dir"], config["name"]).manifest["metrics"]
+    return Result(
+        f"finch, {method}, {workers} worker{'s' * (workers > 1)} (packed)",
+        method,
+        metrics["train_runtime"],
+        wall,
+        memory,
+        metrics["train_loss"],
+        int(metrics["step"]),
+    )
 
 
 def trl_variant(args: argparse.Namespace, work: Path, method: str, packing: bool) -> Result:
-    spec = {"config": run_config(args, work, method, 1), "packing": packing, "examples": str(work / "tokenized.json"),
-            "metrics": str(work / f"trl-{method}-{packing}.json")}
+    spec = {
+        "config": run_config(args, work, method, 1),
+        "packing": packing,
+        "examples": str(work / "tokenized.json"),
+        "metrics": str(work / f"trl-{method}-{packing}.json"),
+    }
     spec_path = work / f"trl-{method}-{packing}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    wall, memory = run_measured([sys.executable, __file__, "--trl-worker", str(spec_path)], work / f"trl-{method}-{packing}.log")
+    wall, memory = run_measured(
+        [sys.executable, __file__, "--trl-worker", str(spec_path)], work / f"trl-{method}-{packing}.log"
+    )
     metrics = json.loads(Path(spec["metrics"]).read_text())
     packed = "packed (bfd, padding-free)" if packing else "padded to longest"
-    return Result(f"TRL SFTTrainer, {method}, {packed}", method, metrics["train_runtime"], wall, memory, metrics["train_loss"],
-                  metrics["steps"])
+    return Result(
+        f"TRL SFTTrainer, {method}, {packed}",
+        method,
+        metrics["train_runtime"],
+        wall,
+        memory,
+        metrics["train_loss"],
+        metrics["steps"],
+    )
 
 
 def trl_worker(spec_path: str) -> None:
@@ -179,7 +210,7 @@ def trl_worker(spec_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from finch.train.trainers import hf_arguments
+    from finch.train.arguments import hf_arguments
 
     spec = json.loads(Path(spec_path).read_text())
     config = validate_config(spec["config"])
@@ -190,8 +221,17 @@ def trl_worker(spec_path: str) -> None:
         # where SFTConfig's own defaults differ
         sft_config = SFTConfig(**arguments, max_length=config.data.max_length, packing=spec["packing"])
         lora = config.lora
-        peft_config = None if config.train.method == "full" else peft.LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        peft_config = (
+            None
+            if config.train.method == "full"
+            else peft.LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+        )
         trainer = SFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, config.model.dtype)),
             args=sft_config,
@@ -213,30 +253,43 @@ def tokenized_examples(config: dict) -> list[dict]:
 
     run = validate_config(config)
     data = run.data
-    rows = pd.DataFrame([{"source": source, "record": json.dumps(record)} for source, record in iter_records(data.train_files[0])])
+    rows = pd.DataFrame(
+        [{"source": source, "record": json.dumps(record)} for source, record in iter_records(data.train_files[0])]
+    )
     frame = tokenize_batch(rows, data, resolve_model_source(run.model), data.template, "sft")
-    return [{"input_ids": list(ids), "labels": list(labels)}
-            for ids, labels, trainable in zip(frame["input_ids"], frame["labels"], frame["trainable"]) if trainable > 0]
+    return [
+        {"input_ids": list(ids), "labels": list(labels)}
+        for ids, labels, trainable in zip(frame["input_ids"], frame["labels"], frame["trainable"])
+        if trainable > 0
+    ]
 
 
 def ray_start_seconds() -> float:
     code = "import time; t = time.perf_counter(); from finch.runtime import init_ray; init_ray(); print(time.perf_counter() - t)"
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+    return float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
+    )
 
 
 # ---- report -------------------------------------------------------------------------------------
 
 
 def table(results: list[Result], tokens: int, baselines: dict[str, Result]) -> str:
-    rows = ["| variant | steps | train loss | train loop s | useful tokens/s | vs TRL padded | vs TRL packed "
-            "| end to end s | end-to-end tokens/s | peak memory GiB: all processes | largest process |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | steps | train loss | train loop s | useful tokens/s | vs TRL padded | vs TRL packed "
+        "| end to end s | end-to-end tokens/s | peak memory GiB: all processes | largest process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for result in results:
         speed = tokens / result.train_seconds
-        ratios = [baselines[f"{result.method}-{packing}"].train_seconds / result.train_seconds for packing in (False, True)]
-        rows.append(f"| {result.variant} | {result.steps} | {result.train_loss:.3f} | {result.train_seconds:.1f} | {speed:.0f} | "
-                    f"{ratios[0]:.2f}x | {ratios[1]:.2f}x | {result.wall_seconds:.0f} | {tokens / result.wall_seconds:.0f} | "
-                    f"{result.memory.total / 2**30:.2f} | {result.memory.largest_process / 2**30:.2f} |")
+        ratios = [
+            baselines[f"{result.method}-{packing}"].train_seconds / result.train_seconds for packing in (False, True)
+        ]
+        rows.append(
+            f"| {result.variant} | {result.steps} | {result.train_loss:.3f} | {result.train_seconds:.1f} | {speed:.0f} | "
+            f"{ratios[0]:.2f}x | {ratios[1]:.2f}x | {result.wall_seconds:.0f} | {tokens / result.wall_seconds:.0f} | "
+            f"{result.memory.total / 2**30:.2f} | {result.memory.largest_process / 2**30:.2f} |"
+        )
     return "\n".join(rows)
 
 
@@ -246,7 +299,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=GEMMA3_270M_URI, help=f"a HF folder, or {GEMMA3_270M_URI} (default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(DEFAULTS["quick"]))
     parser.add_argument("--examples", type=int, help=f"gsm8k rows trained on (default {DEFAULTS['full']['examples']})")
-    parser.add_argument("--max-length", type=int, help=f"tokens per example and packed row (default {DEFAULTS['full']['max_length']})")
+    parser.add_argument(
+        "--max-length", type=int, help=f"tokens per example and packed row (default {DEFAULTS['full']['max_length']})"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="global batch size, rows per step (default 4)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--methods", default="lora,full", help="lora, full or both (default lora,full)")
@@ -269,7 +324,9 @@ def main() -> None:
     if not GSM8K.exists():
         raise SystemExit(f"bench/train.py trains on {GSM8K} (../shared/data); it is missing")
     started = time.perf_counter()
-    print(f"machine: {machine_description(('torch', 'ray', 'transformers', 'peft', 'trl'))}; load average {load_average()}")
+    print(
+        f"machine: {machine_description(('torch', 'ray', 'transformers', 'peft', 'trl'))}; load average {load_average()}"
+    )
     print(f"command: {command_line()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="finch-bench-train-"))
     try:
@@ -278,11 +335,14 @@ def main() -> None:
         examples = tokenized_examples(run_config(args, work, "lora", 1))
         (work / "tokenized.json").write_text(json.dumps(examples))
         tokens = sum(len(example["input_ids"]) for example in examples)
-        print(f"\nDate: {date.today().isoformat()}. Model: {args.model}. Data: the first {args.examples} rows of "
-              f"{GSM8K.name}, {len(examples)} examples, {tokens} tokens (one epoch), max_length {args.max_length}, global "
-              f"batch {args.batch_size}, constant lr. LoRA: rank {args.rank} on all linear layers, bf16 weights, lr 1e-4. "
-              f"Full: fp32 weights with bf16 autocast, lr 1e-5. Ray start (ray.init, local cluster) alone: "
-              f"{ray_start_seconds():.1f}s.", flush=True)
+        print(
+            f"\nDate: {date.today().isoformat()}. Model: {args.model}. Data: the first {args.examples} rows of "
+            f"{GSM8K.name}, {len(examples)} examples, {tokens} tokens (one epoch), max_length {args.max_length}, global "
+            f"batch {args.batch_size}, constant lr. LoRA: rank {args.rank} on all linear layers, bf16 weights, lr 1e-4. "
+            f"Full: fp32 weights with bf16 autocast, lr 1e-5. Ray start (ray.init, local cluster) alone: "
+            f"{ray_start_seconds():.1f}s.",
+            flush=True,
+        )
         for method in args.methods:  # a table per method, printed as soon as it is measured
             baselines, results = {}, []
             for packing in (False, True):

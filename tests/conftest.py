@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-TINY_TOKENIZER = SHARED_DATA / "tokenizers" / "torchtune_tiny_bpe_tokenizer.json"
+# Slices of third-party datasets and tokenizers, with their sources and licenses (tests/data/README.md).
+TEST_DATA = REPO / "tests" / "data"
 # ChatML, with Hermes-style tools (as Qwen's templates): without tools it renders plain ChatML.
 CHATML_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\nCall a tool as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.\n<tools>"
+    '{% if tools %}<|im_start|>system\nCall a tool as <tool_call>{"name": ..., "arguments": ...}</tool_call>.\n<tools>'
     "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools><|im_end|>\n{% endif %}"
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "{% for call in message.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
@@ -40,10 +40,11 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.exists():
-        pytest.skip(f"needs third-party test data at {path} (the ../shared/data folder beside the repo)")
+def data_file(relative: str) -> Path:
+    """A file under tests/data; a missing one fails the test (the suite never skips for want of data)."""
+    path = TEST_DATA / relative
+    if not path.is_file():
+        pytest.fail(f"test data {path} is missing: it is part of the repository (tests/data/README.md)")
     return path
 
 
@@ -51,7 +52,7 @@ def make_tokenizer(chat_template: bool = True):
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(shared_file("tokenizers/torchtune_tiny_bpe_tokenizer.json")),
+        tokenizer_file=str(data_file("tokenizers/torchtune_tiny_bpe_tokenizer.json")),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
@@ -95,7 +96,12 @@ def make_adapter(model_dir: Path, folder: Path, seed: int, r: int = 8, b_std: fl
     torch.manual_seed(seed)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir),
-        LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **lora),
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            **lora,
+        ),
     )
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -135,14 +141,31 @@ def tiny_spm_model_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("tiny-llama-spm")
-    shutil.copy(shared_file("tokenizers/mistral_v3_tokenizer.model"), path / "tokenizer.model")
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}
-    ))
+    shutil.copy(data_file("tokenizers/mistral_v3_tokenizer.model"), path / "tokenizer.model")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+            }
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

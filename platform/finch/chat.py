@@ -17,33 +17,16 @@ from rich.console import Console
 from rich.table import Table
 
 from finch.config import validate_config
-from finch.data.pipeline import load_tokenizer
 from finch.data.templates import with_system_prompt
 from finch.data.tokenization import prompt_token_ids
 from finch.models.loading import load_base_model
-from finch.models.source import trained_base_folder
+from finch.models.tokenizer import load_tokenizer, merge_stop_ids
 from finch.precision import detect_device, inference_dtype
-from finch.registry.store import AdapterEntry, resolve_adapter
+from finch.registry.models import trained_base_folder
+from finch.registry.store import RegistryEntry, resolve_entry
 
 BASE = "base"
 console = Console()
-
-
-def merge_stop_ids(tokenizer: Any, configured: int | list[int] | None) -> list[int]:
-    """The tokenizer's EOS plus the model's own stop tokens (e.g. end-of-turn tokens)."""
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({tokenizer.eos_token_id, *(t for t in configured if t is not None)})
-
-
-def stop_token_ids(model_folder: str, tokenizer: Any) -> list[int]:
-    """merge_stop_ids for a model folder, read from its generation_config.json when it has one."""
-    from transformers import GenerationConfig
-
-    try:
-        configured = GenerationConfig.from_pretrained(model_folder).eos_token_id
-    except OSError:
-        configured = None
-    return merge_stop_ids(tokenizer, configured)
 
 
 def announce_dtype(requested: str, on_gpu: bool) -> str:
@@ -60,14 +43,14 @@ def announce_dtype(requested: str, on_gpu: bool) -> str:
 class ChatSession:
     model: Any  # the base model, with every LoRA adapter loaded when there are any
     tokenizer: Any
-    adapters: list[AdapterEntry]
+    adapters: list[RegistryEntry]
     full_models: dict[str, Any] = field(default_factory=dict)  # registry ref -> fully fine-tuned model
 
     @classmethod
     def from_registry(cls, registry_dir: str | Path, refs: list[str]) -> ChatSession:
         from peft import PeftModel
 
-        adapters = [resolve_adapter(registry_dir, ref) for ref in refs]
+        adapters = [resolve_entry(registry_dir, ref) for ref in refs]
         folder = trained_base_folder(adapters)
         config = validate_config(adapters[0].manifest["config"])
         tokenizer = load_tokenizer(folder)
@@ -92,7 +75,7 @@ class ChatSession:
         model.eval()
         return cls(model, tokenizer, adapters, full_models)
 
-    def answer(self, prompt: str, adapter: AdapterEntry | None, max_new_tokens: int = 64) -> str:
+    def answer(self, prompt: str, adapter: RegistryEntry | None, max_new_tokens: int = 64) -> str:
         """Greedy answer of the base model (adapter None) or one adapter."""
         template = (adapter or self.adapters[0]).manifest["template"]
         # The system message the adapter saw in training (formats.normalize adds it there); the base
@@ -127,7 +110,7 @@ class ChatSession:
             )
 
     def side_by_side(self, prompt: str, max_new_tokens: int = 64, include_base: bool = True) -> dict[str, str]:
-        targets: list[AdapterEntry | None] = ([None] if include_base else []) + list(self.adapters)
+        targets: list[RegistryEntry | None] = ([None] if include_base else []) + list(self.adapters)
         return {(t.ref if t else BASE): self.answer(prompt, t, max_new_tokens) for t in targets}
 
     def print_side_by_side(self, prompt: str, max_new_tokens: int = 64, include_base: bool = True) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +22,9 @@ app.add_typer(registry_app, name="registry")
 console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config YAML (see jobs/).")]
-OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 data.max_length=256.")]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4 data.max_length=256.")
+]
 USER_ERRORS = (ConfigError, DatasetError, RegistryError, FileExistsError, PermissionError, OutputFolderError)
 
 
@@ -95,7 +97,9 @@ def serve(
     overrides: OverridesArg = None,
     ask: Annotated[
         list[str] | None,
-        typer.Option(help="Send this prompt to every served model over HTTP, print the answers, then stop (repeatable)."),
+        typer.Option(
+            help="Send this prompt to every served model over HTTP, print the answers, then stop (repeatable)."
+        ),
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="With --ask: tokens per answer.")] = 64,
 ) -> None:
@@ -165,7 +169,9 @@ def registry_show(
 @app.command()
 def chat(
     adapter: Annotated[list[str], typer.Option(help="Registry adapter (name or name@vN); repeat to compare.")],
-    prompt: Annotated[list[str] | None, typer.Option(help="Prompt(s); without one, read prompts interactively.")] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="Prompt(s); without one, read prompts interactively.")
+    ] = None,
     registry: Annotated[Path, typer.Option(help="Adapter registry root.")] = Path("registry"),
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     no_base: Annotated[bool, typer.Option(help="Skip the base model's answer.")] = False,
@@ -182,17 +188,17 @@ def chat(
         session.print_side_by_side(text, max_new_tokens=max_new_tokens, include_base=not no_base)
 
 
-class ExportFormat(str, Enum):
+class ExportFormat(StrEnum):
     merged = "merged"
     gguf = "gguf"
 
 
-class GgufType(str, Enum):
+class GgufType(StrEnum):
     f16 = "f16"
     q8_0 = "q8_0"
 
 
-class SixteenBit(str, Enum):
+class SixteenBit(StrEnum):
     bfloat16 = "bfloat16"
     float16 = "float16"
 
@@ -202,10 +208,18 @@ def export(
     adapter: Annotated[str, typer.Argument(help="Registry entry (name or name@vN).")],
     output: Annotated[Path, typer.Option(help="Folder (merged) or .gguf file (gguf) to write.")],
     format: Annotated[
-        ExportFormat, typer.Option(help="merged: the base with the adapter merged in, 16-bit safetensors; gguf: that, for llama.cpp.")
+        ExportFormat,
+        typer.Option(
+            help="merged: the base with the adapter merged in, 16-bit safetensors; gguf: that, for llama.cpp."
+        ),
     ] = ExportFormat.merged,
-    dtype: Annotated[SixteenBit | None, typer.Option(help="merged: weights dtype (default: the training dtype if 16-bit, else bfloat16).")] = None,
-    gguf_type: Annotated[GgufType, typer.Option(help="gguf: f16, or q8_0 (8-bit, about half the size).")] = GgufType.f16,
+    dtype: Annotated[
+        SixteenBit | None,
+        typer.Option(help="merged: weights dtype (default: the training dtype if 16-bit, else bfloat16)."),
+    ] = None,
+    gguf_type: Annotated[
+        GgufType, typer.Option(help="gguf: f16, or q8_0 (8-bit, about half the size).")
+    ] = GgufType.f16,
     registry: Annotated[Path, typer.Option(help="Adapter registry root.")] = Path("registry"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:

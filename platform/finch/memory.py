@@ -108,7 +108,8 @@ def estimate_training(config: RunConfig, arch: Architecture, trained: int) -> Me
         {
             "weights": weights_bytes(config, arch) / shards / GIB,
             "training state": trained * state_bytes / shards / GIB,
-            "activations": activation_bytes(arch, tokens, BYTES[compute_type(config)], train.gradient_checkpointing) / GIB,
+            "activations": activation_bytes(arch, tokens, BYTES[compute_type(config)], train.gradient_checkpointing)
+            / GIB,
             "loss": loss_bytes(config, arch, tokens) / GIB,
             "runtime": RUNTIME_GIB,
         },

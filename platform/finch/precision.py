@@ -114,7 +114,9 @@ def training_precision(config: Any, device: Device) -> Precision:
     compute = config.qlora.compute_dtype
     if compute == "auto":
         compute = fast
-    in_use = {weights, {"bf16": "bfloat16", "fp16": "float16"}.get(mixed, weights)} | ({compute} if method == "qlora" else set())
+    in_use = {weights, {"bf16": "bfloat16", "fp16": "float16"}.get(mixed, weights)} | (
+        {compute} if method == "qlora" else set()
+    )
     return Precision(weights, mixed, compute, device, tuple(slow_type_warnings(device, in_use)))
 
 

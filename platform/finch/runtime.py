@@ -77,6 +77,7 @@ def cluster_address() -> str:
     except (OSError, ValueError):
         logging.getLogger("finch").warning(
             "the Ray cluster `ray start` last started here (%s) does not answer; starting a local one "
-            "(`ray stop` clears that record, RAY_ADDRESS picks a cluster)", recorded
+            "(`ray stop` clears that record, RAY_ADDRESS picks a cluster)",
+            recorded,
         )
         return "local"

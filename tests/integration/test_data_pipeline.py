@@ -9,7 +9,7 @@ import pytest
 from finch.config import DataConfig
 from finch.data.pipeline import prepare_datasets
 from finch.data.readers import DatasetError, iter_records
-from tests.conftest import model_source, shared_file, write_jsonl
+from tests.conftest import data_file, model_source, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +24,12 @@ SHARED_SFT = [
 
 
 def test_every_format_packs_densely(ray_local, tiny_model_dir):
-    files = [str(shared_file(name)) for name in SHARED_SFT]
+    files = [str(data_file(name)) for name in SHARED_SFT]
     prepared = prepare_datasets(DataConfig(train_files=files, max_length=256), model_source(tiny_model_dir))
     stats = prepared.stats
     assert prepared.template == "chat"
     rows_in_files = sum(1 for path in files for _ in iter_records(path))
-    assert rows_in_files > 9000
+    assert rows_in_files == 1810  # the slices in tests/data (README there)
     assert stats["examples"] == rows_in_files  # every row became one example (some dropped, counted)
     assert stats["length_max"] <= 256 and stats["truncated"] > 0
     assert stats["packing_efficiency"] > 0.97
@@ -45,8 +45,10 @@ def rows_of(dataset) -> list[list[int]]:
 
 
 def test_eval_fraction_holds_out_examples(ray_local, tiny_model_dir):
-    files = [str(shared_file("sft/gsm8k_chat_train.jsonl"))]
-    prepared = prepare_datasets(DataConfig(train_files=files, eval_fraction=0.2, max_length=512), model_source(tiny_model_dir))
+    files = [str(data_file("sft/gsm8k_chat_train.jsonl"))]
+    prepared = prepare_datasets(
+        DataConfig(train_files=files, eval_fraction=0.2, max_length=512), model_source(tiny_model_dir)
+    )
     assert prepared.stats["eval_examples"] == 90
     assert prepared.stats["examples"] == 449
 
@@ -84,7 +86,9 @@ def test_inspect_reports_stats_and_writes_a_histogram(ray_local, tiny_model_dir,
     from finch.data.inspect import inspect_data
     from tests.conftest import run_config_dict
 
-    config = validate_config(run_config_dict(tmp_path, tiny_model_dir, [str(shared_file("sft/identity.json"))], name="inspect"))
+    config = validate_config(
+        run_config_dict(tmp_path, tiny_model_dir, [str(data_file("sft/identity.json"))], name="inspect")
+    )
     stats = inspect_data(config)
     histogram = config.run_dir / "token_lengths.png"
     assert histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and histogram.stat().st_size > 5000

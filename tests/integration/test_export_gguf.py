@@ -49,7 +49,9 @@ def test_gguf_exports_carry_the_tokenizer_and_reproduce_greedy_output(tmp_path, 
         sizes[gguf_type] = path.stat().st_size
         reader = GGUFReader(path)
         assert gguf_field(reader, "tokenizer.ggml.model") == "llama"  # SentencePiece, as trained
-        assert gguf_field(reader, "tokenizer.ggml.tokens") == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        assert gguf_field(reader, "tokenizer.ggml.tokens") == tokenizer.convert_ids_to_tokens(
+            list(range(len(tokenizer)))
+        )
         assert gguf_field(reader, "tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
         assert gguf_field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
         assert gguf_field(reader, "tokenizer.ggml.add_bos_token") is True and ids[0, 0] == tokenizer.bos_token_id

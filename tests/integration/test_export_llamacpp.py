@@ -25,9 +25,15 @@ def transformers_greedy(base_dir, adapter_dir, ids: list[int]) -> tuple[list[int
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
     prompt = torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(ids):].tolist(), torch.cat(out.logits)
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(ids) :].tolist(), torch.cat(out.logits)
 
 
 def test_llama_cpp_runs_a_gemma_adapter_export_like_transformers(tmp_path):

@@ -41,7 +41,9 @@ def allow_cpu_fsdp() -> None:
 
 
 def run_rank(rank: int, port: int, tmp: str, model_dir: str, strategy: str, patch: bool, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
     torch.set_num_threads(1)
     from pathlib import Path
 
@@ -56,7 +58,9 @@ def run_rank(rank: int, port: int, tmp: str, model_dir: str, strategy: str, patc
         allow_cpu_fsdp()
     config = validate_config(
         run_config_dict(
-            Path(tmp), Path(model_dir), ["unused.jsonl"],
+            Path(tmp),
+            Path(model_dir),
+            ["unused.jsonl"],
             train={"method": "full", "max_steps": 3, "batch_size": 1, "lr": 1e-2, "save_steps": 1000},
             scale={"num_workers": 2},
         )
@@ -70,11 +74,15 @@ def run_rank(rank: int, port: int, tmp: str, model_dir: str, strategy: str, patc
         results.put((rank, "refused", str(err)))
         return
     trainer.train()
-    weight = next(p for n, p in trainer.model_wrapped.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight"))
+    weight = next(
+        p for n, p in trainer.model_wrapped.named_parameters() if n.endswith("layers.0.self_attn.q_proj.weight")
+    )
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     save_final(trainer, make_tokenizer(), f"{tmp}/final-{strategy}")
     # DDP keeps gradients in its buckets, not in a second copy (finch.train.trainers.DdpGradientsInBuckets)
-    results.put((rank, type(weight).__name__, local.numel(), getattr(trainer.model_wrapped, "gradient_as_bucket_view", None)))
+    results.put(
+        (rank, type(weight).__name__, local.numel(), getattr(trainer.model_wrapped, "gradient_as_bucket_view", None))
+    )
 
 
 def launch(tmp_path, model_dir, strategy: str, patch: bool) -> list[tuple]:

@@ -7,16 +7,16 @@ import csv
 import os
 import secrets
 import shutil
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from finch.registry.store import resolve_adapter
+from finch.registry.store import resolve_entry
 from tests.conftest import free_ports, run_config_dict, write_jsonl
 from tests.integration.test_train_e2e import FACTS
 
@@ -37,11 +37,26 @@ def cluster(tmp_path_factory):
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}", "--num-cpus=2",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={temp_dir}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--metrics-export-port={metrics}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -67,8 +82,22 @@ def wait_until_up(address: str, env: dict, timeout_s: float = 120) -> None:
 
 
 def submit_and_wait(address: str, env: dict, name: str, *entrypoint: str, timeout_s: float = 900) -> str:
-    submitted = ray_cli("job", "submit", "--address", address, "--submission-id", name, "--no-wait",
-                        "--working-dir", ".", "--runtime-env-json", RUNTIME_ENV, "--", *entrypoint, env=env)
+    submitted = ray_cli(
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        name,
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        RUNTIME_ENV,
+        "--",
+        *entrypoint,
+        env=env,
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     deadline = time.monotonic() + timeout_s
     status = ""
@@ -85,7 +114,9 @@ def submit_and_wait(address: str, env: dict, name: str, *entrypoint: str, timeou
 
 def test_jobs_need_the_clusters_token(cluster):
     address, env, _ = cluster
-    anonymous = ray_cli("job", "list", "--address", address, env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")})
+    anonymous = ray_cli(
+        "job", "list", "--address", address, env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    )
     assert anonymous.returncode != 0
     wrong = ray_cli("job", "list", "--address", address, env=env | {"RAY_AUTH_TOKEN": "not-the-token"})
     assert wrong.returncode != 0
@@ -96,21 +127,36 @@ def test_train_and_sweep_jobs_register_adapters_on_the_cluster(cluster, tiny_ser
     the sweep to pick its best trial."""
     address, env, tmp = cluster
     data = write_jsonl(tmp / "facts.jsonl", FACTS)
-    task = {"name": "facts", "data": {"files": [str(write_jsonl(tmp / "facts_eval.jsonl", FACTS[:8]))]},
-            "metrics": ["contains", "rouge_l"], "generation": {"max_tokens": 12}}
-    run = run_config_dict(tmp, tiny_serving_model_dir, [str(data)], name="facts-job",
-                          data={"max_length": 128, "eval_fraction": 0.2},
-                          train={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "lr": 5e-3, "eval_tasks": [task]})
+    task = {
+        "name": "facts",
+        "data": {"files": [str(write_jsonl(tmp / "facts_eval.jsonl", FACTS[:8]))]},
+        "metrics": ["contains", "rouge_l"],
+        "generation": {"max_tokens": 12},
+    }
+    run = run_config_dict(
+        tmp,
+        tiny_serving_model_dir,
+        [str(data)],
+        name="facts-job",
+        data={"max_length": 128, "eval_fraction": 0.2},
+        train={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "lr": 5e-3, "eval_tasks": [task]},
+    )
     run["tracking"] = {"mlflow": False}
     (tmp / "run.yaml").write_text(yaml.safe_dump(run))
-    sweep = {"name": "facts-sweep", "run": str(tmp / "run.yaml"), "output_dir": str(tmp / "sweeps"),
-             "search": {"algorithm": "grid", "space": {"lora.r": {"grid": [4, 8]}}}, "early_stopping": {"enabled": False},
-             "metric": "facts/rouge_l", "mode": "max"}
+    sweep = {
+        "name": "facts-sweep",
+        "run": str(tmp / "run.yaml"),
+        "output_dir": str(tmp / "sweeps"),
+        "search": {"algorithm": "grid", "space": {"lora.r": {"grid": [4, 8]}}},
+        "early_stopping": {"enabled": False},
+        "metric": "facts/rouge_l",
+        "mode": "max",
+    }
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(sweep))
 
     logs = submit_and_wait(address, env, "finch-train", "python", "jobs/finetune.py", "--config", str(tmp / "run.yaml"))
     assert "registered adapter facts-job@v1" in logs
-    entry = resolve_adapter(tmp / "registry", "facts-job")
+    entry = resolve_entry(tmp / "registry", "facts-job")
     assert entry.manifest["config"]["train"]["max_steps"] == 4
     (scores,) = entry.manifest["evals"].values()
     assert scores["task"] == "facts" and scores["examples"] == 8 and set(scores["baseline"]) == {"contains", "rouge_l"}
@@ -118,7 +164,7 @@ def test_train_and_sweep_jobs_register_adapters_on_the_cluster(cluster, tiny_ser
 
     logs = submit_and_wait(address, env, "finch-sweep", "python", "jobs/sweep.py", "--config", str(tmp / "sweep.yaml"))
     assert "sweep facts-sweep: 2 trials" in logs
-    best = resolve_adapter(tmp / "registry", "facts-sweep")
+    best = resolve_entry(tmp / "registry", "facts-sweep")
     lineage = best.manifest["lineage"]
     assert lineage["sweep"] == "facts-sweep" and lineage["params"]["lora.r"] in (4, 8)
     with (tmp / "sweeps" / "facts-sweep" / "results.csv").open() as handle:

@@ -29,16 +29,26 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
     for cache in HEAD_CACHE, NODE_CACHE:
         place_in_hub_cache(tiny_serving_model_dir, tmp_path / cache, HUB_ID)
-    run = run_config_dict(tmp_path, tiny_serving_model_dir, [str(data)], name="facts-2n", model={"path": HUB_ID},
-                          train={"max_steps": 4, "save_steps": 2, "lr": 5e-3},
-                          lora={"target_modules": ["q_proj", "v_proj"]},
-                          scale={"num_workers": 2, "cpus_per_worker": 1})
+    run = run_config_dict(
+        tmp_path,
+        tiny_serving_model_dir,
+        [str(data)],
+        name="facts-2n",
+        model={"path": HUB_ID},
+        train={"max_steps": 4, "save_steps": 2, "lr": 5e-3},
+        lora={"target_modules": ["q_proj", "v_proj"]},
+        scale={"num_workers": 2, "cpus_per_worker": 1},
+    )
     run["tracking"] = {"mlflow": False}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
-    serve = {"name": "twonode", "model": {"path": HUB_ID, "dtype": "float32"}, "template": "chat",
-             "registry_dir": str(tmp_path / "registry"),
-             "engine": {"max_model_len": 128, "max_loras": 2, "max_lora_rank": 8},
-             "server": {"port": free_port(), "num_replicas": 2, "cpus_per_replica": 1}}
+    serve = {
+        "name": "twonode",
+        "model": {"path": HUB_ID, "dtype": "float32"},
+        "template": "chat",
+        "registry_dir": str(tmp_path / "registry"),
+        "engine": {"max_model_len": 128, "max_loras": 2, "max_lora_rank": 8},
+        "server": {"port": free_port(), "num_replicas": 2, "cpus_per_replica": 1},
+    }
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
 
     for _ in range(2):
@@ -64,16 +74,26 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
         assert any(actor in line and node_cache in line for line in result.stdout.splitlines()), actor
 
 
-
 def run_two_node_cluster(tmp_path: Path) -> subprocess.CompletedProcess:
     # Ray's temp folder of its own (short: socket paths live under it), so the address record
     # the Cluster writes there never points later `ray.init()` calls at a cluster that is gone.
     ray_tmp = tempfile.mkdtemp(prefix="finch-ray-", dir="/tmp")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp,
-           "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / HEAD_CACHE),
-           "FINCH_TEST_NODE_HF_CACHE": str(tmp_path / NODE_CACHE)}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "PYTHONPATH": str(REPO),
+        "RAY_TMPDIR": ray_tmp,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / HEAD_CACHE),
+        "FINCH_TEST_NODE_HF_CACHE": str(tmp_path / NODE_CACHE),
+    }
     try:
-        return subprocess.run([sys.executable, "-m", "tests.integration.two_node_cluster", "run.yaml", "serve.yaml",
-                               "seen.json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        return subprocess.run(
+            [sys.executable, "-m", "tests.integration.two_node_cluster", "run.yaml", "serve.yaml", "seen.json"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finch.registry.store import ADAPTER_FILES, resolve_adapter
-from tests.conftest import run_config_dict, shared_file
+from finch.registry.store import ADAPTER_FILES, resolve_entry
+from tests.conftest import data_file, run_config_dict
 from tests.integration.test_train_e2e import finch
 
 pytestmark = pytest.mark.integration
@@ -36,13 +36,16 @@ def mlflow_history(tmp_path: Path, metric: str) -> list[tuple[int, float]]:
 
 
 def test_dpo_run_registers_an_adapter_and_tracks_reward_margins(tmp_path, tiny_model_dir):
-    pairs = str(shared_file("preference/orca_dpo_pairs_openai_format.jsonl"))
+    pairs = str(data_file("preference/orca_dpo_pairs_openai_format.jsonl"))
     registry, stdout = run(
-        tmp_path, tiny_model_dir, "prefs", [pairs],
+        tmp_path,
+        tiny_model_dir,
+        "prefs",
+        [pairs],
         data={"max_length": 256, "eval_fraction": 0.1},
         train={"objective": "dpo", "max_steps": 6, "eval_steps": 3, "lr": 5e-3},
     )
-    entry = resolve_adapter(registry, "prefs")
+    entry = resolve_entry(registry, "prefs")
     assert entry.kind == "adapter" and all((entry.path / f).exists() for f in ADAPTER_FILES)
     history = json.loads((tmp_path / "runs" / "prefs" / "final" / "log_history.json").read_text())
     first_eval = next(e for e in history if "eval_loss" in e)
@@ -55,15 +58,18 @@ def test_dpo_run_registers_an_adapter_and_tracks_reward_margins(tmp_path, tiny_m
 
 def test_pretraining_trains_every_token_and_reports_perplexity(tmp_path, tiny_model_dir):
     # a slice of tinyshakespeare: blank-line separated speeches become documents
-    text = shared_file("pretrain/tinyshakespeare.txt").read_text().split("\n\n")[:300]
+    text = data_file("pretrain/tinyshakespeare.txt").read_text().split("\n\n")[:300]
     corpus = tmp_path / "shakespeare.txt"
     corpus.write_text("\n\n".join(text))
     registry, stdout = run(
-        tmp_path, tiny_model_dir, "bard", [str(corpus)],
+        tmp_path,
+        tiny_model_dir,
+        "bard",
+        [str(corpus)],
         data={"max_length": 128, "eval_fraction": 0.1},
         train={"objective": "pretrain", "max_steps": 8, "eval_steps": 4, "lr": 1e-2},
     )
-    entry = resolve_adapter(registry, "bard")
+    entry = resolve_entry(registry, "bard")
     stats = entry.manifest["dataset"]["stats"]
     # every token carries loss except the one-token overlap that starts each continuation chunk
     assert stats["truncated"] == 0 and stats["examples"] > len(text)
@@ -71,15 +77,17 @@ def test_pretraining_trains_every_token_and_reports_perplexity(tmp_path, tiny_mo
     evals = [(s, v) for s, v in mlflow_history(tmp_path, "eval_perplexity")]
     assert [s for s, _ in evals] == [0, 4, 8]
     assert evals[-1][1] < evals[0][1]
-    assert entry.manifest["metrics"]["eval_perplexity"] == pytest.approx(math.exp(entry.manifest["metrics"]["eval_loss"]))
+    assert entry.manifest["metrics"]["eval_perplexity"] == pytest.approx(
+        math.exp(entry.manifest["metrics"]["eval_loss"])
+    )
 
 
 def test_full_fine_tuning_registers_a_standalone_model_that_chat_serves(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = shared_file("sft/gsm8k_chat_train.jsonl")
+    data = data_file("sft/gsm8k_chat_train.jsonl")
     registry, _ = run(tmp_path, tiny_model_dir, "fullsft", [str(data)], train={"method": "full", "max_steps": 4})
-    entry = resolve_adapter(registry, "fullsft")
+    entry = resolve_entry(registry, "fullsft")
     assert entry.kind == "model"
     files = {p.name for p in entry.path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "loss.png", "finch_manifest.json"} <= files

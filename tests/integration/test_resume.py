@@ -14,7 +14,7 @@ import pytest
 
 from finch.config import validate_config
 from finch.train.run import RunExistsError, load_run_config, train
-from tests.conftest import run_config_dict, shared_file
+from tests.conftest import data_file, run_config_dict
 
 pytestmark = pytest.mark.integration
 STEPS = 12
@@ -25,7 +25,7 @@ def gsm8k_config(tmp_path: Path, model_dir: Path, **scale):
         run_config_dict(
             tmp_path,
             model_dir,
-            [str(shared_file("sft/gsm8k_chat_train.jsonl"))],
+            [str(data_file("sft/gsm8k_chat_train.jsonl"))],
             name="resumable",
             train={"max_steps": STEPS, "save_steps": 4, "batch_size": 2},
             scale=scale,
@@ -84,7 +84,9 @@ def test_interrupted_run_continues_with_resume(ray_local, tiny_model_dir, tmp_pa
     assert not (config.run_dir / "final").exists()
     with pytest.raises(RunExistsError, match="--resume"):
         train(config)
-    changed = validate_config({**config.model_dump(mode="json"), "data": {**config.data.model_dump(), "max_length": 64}})
+    changed = validate_config(
+        {**config.model_dump(mode="json"), "data": {**config.data.model_dump(), "max_length": 64}}
+    )
     with pytest.raises(RunExistsError, match="changed since the interrupted run: data.max_length"):
         train(changed, resume=True)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from finch.fingerprint import fingerprint_model_folder
-from finch.registry.store import publish, resolve_adapter
 from finch.config import EngineConfig
+from finch.fingerprint import fingerprint_model_folder
+from finch.registry.store import publish, resolve_entry
 from finch.serve.engine import AdapterRefused, ServingEngine
 from tests.conftest import make_adapter
 from tests.greedy import greedy_answers, load_reference
@@ -29,7 +29,9 @@ PROMPTS = [[5, 17, 99, 3, 250, 31, 8], [44, 2, 19, 7, 300, 12], [9, 81, 6, 150, 
 
 def register(registry: Path, name: str, adapter_dir: Path, base_dir: Path) -> None:
     files = {f: adapter_dir / f for f in ("adapter_config.json", "adapter_model.safetensors")}
-    publish(registry, name, files, {"base_model": {"fingerprint": fingerprint_model_folder(base_dir)}, "template": "chat"})
+    publish(
+        registry, name, files, {"base_model": {"fingerprint": fingerprint_model_folder(base_dir)}, "template": "chat"}
+    )
 
 
 def references(model_dir: Path, adapter_dir: Path | None, prompt: list[int]) -> list[list[int]]:
@@ -44,7 +46,13 @@ async def greedy(engine: ServingEngine, prompt: list[int], adapter: str | None) 
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    params = SamplingParams(
+        max_tokens=NEW_TOKENS,
+        min_tokens=NEW_TOKENS,
+        temperature=0.0,
+        ignore_eos=True,
+        output_kind=RequestOutputKind.DELTA,
+    )
     tokens: list[int] = []
     async for output in engine.generate(prompt, params, adapter, str(uuid.uuid4())):
         tokens += output.outputs[0].token_ids
@@ -55,7 +63,10 @@ async def greedy(engine: ServingEngine, prompt: list[int], adapter: str | None) 
 def served(tmp_path_factory, tiny_serving_model_dir):
     tmp = tmp_path_factory.mktemp("serve-engine")
     registry = tmp / "registry"
-    adapters = {name: make_adapter(tiny_serving_model_dir, tmp / name, seed) for name, seed in (("a1", 1), ("a2", 2), ("a1v2", 3))}
+    adapters = {
+        name: make_adapter(tiny_serving_model_dir, tmp / name, seed)
+        for name, seed in (("a1", 1), ("a2", 2), ("a1v2", 3))
+    }
     register(registry, "a1", adapters["a1"], tiny_serving_model_dir)
     register(registry, "a2", adapters["a2"], tiny_serving_model_dir)
     settings = EngineConfig(max_loras=2, max_lora_rank=8, max_model_len=256)
@@ -118,11 +129,16 @@ def test_unservable_adapters_are_refused_before_loading(served, tiny_serving_mod
     name = f"bad{abs(hash(message)) % 1000}"
     adapter = make_adapter(tiny_serving_model_dir, tmp / name, seed=5, **lora)
     files = {f: adapter / f for f in ("adapter_config.json", "adapter_model.safetensors")}
-    publish(registry, name, files, {"base_model": {"fingerprint": fingerprint or fingerprint_model_folder(tiny_serving_model_dir)}})
+    publish(
+        registry,
+        name,
+        files,
+        {"base_model": {"fingerprint": fingerprint or fingerprint_model_folder(tiny_serving_model_dir)}},
+    )
     with pytest.raises(AdapterRefused, match=message):
         loop.run_until_complete(engine.load(name))
     assert name not in engine.adapters
-    assert json.loads((resolve_adapter(registry, name).path / "adapter_config.json").read_text())
+    assert json.loads((resolve_entry(registry, name).path / "adapter_config.json").read_text())
 
 
 def test_on_demand_adapters_load_once_are_evicted_lru_and_stay_exact(served, tiny_serving_model_dir):
@@ -135,10 +151,14 @@ def test_on_demand_adapters_load_once_are_evicted_lru_and_stay_exact(served, tin
     engine.on_demand = ["od*"]
     # room for two on-demand adapters beside what is pinned (the zero adapter, a2)
     engine.settings = engine.settings.model_copy(update={"max_cpu_loras": len(engine._loaded) + 2})
-    expected = {name: references(tiny_serving_model_dir, adapters[name], PROMPTS[2]) for name in ("od1", "od2", "od3", "a2")}
+    expected = {
+        name: references(tiny_serving_model_dir, adapters[name], PROMPTS[2]) for name in ("od1", "od2", "od3", "a2")
+    }
 
     def ask(*names: str) -> list[list[int]]:
-        return loop.run_until_complete(asyncio.gather(*(greedy(engine, PROMPTS[2], f"{n}@v1" if n.startswith("od") else n) for n in names)))
+        return loop.run_until_complete(
+            asyncio.gather(*(greedy(engine, PROMPTS[2], f"{n}@v1" if n.startswith("od") else n) for n in names))
+        )
 
     cold = ask(*["od1"] * 5)  # five requests for a cold adapter: one load
     assert engine.stats.loads == 1 and all(answer in expected["od1"] for answer in cold)
@@ -154,7 +174,10 @@ def test_on_demand_adapters_load_once_are_evicted_lru_and_stay_exact(served, tin
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=200, min_tokens=200, temperature=0.0, ignore_eos=True)
-        long = [asyncio.ensure_future(drain(engine.generate(PROMPTS[0], params, ref, str(uuid.uuid4())))) for ref in ("od1@v1", "od2@v1")]
+        long = [
+            asyncio.ensure_future(drain(engine.generate(PROMPTS[0], params, ref, str(uuid.uuid4()))))
+            for ref in ("od1@v1", "od2@v1")
+        ]
         while not all(engine.cached[ref].running for ref in ("od1@v1", "od2@v1")):
             await asyncio.sleep(0.01)
         with pytest.raises(EngineFull, match="engine.max_cpu_loras"):

@@ -56,8 +56,13 @@ def test_a_registry_full_fine_tune_serves_as_the_base_in_its_template_with_adapt
     try:
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         assert {m.id for m in api.models.list().data} == {"base", "ontop"}
-        expected = {"base": expected_answers(entry.path, None, "alpaca"), "ontop": expected_answers(entry.path, on_top, "chat")}
-        assert not expected["base"] & expected_answers(tiny_serving_model_dir, None, "alpaca")  # the fine-tune, not its base
+        expected = {
+            "base": expected_answers(entry.path, None, "alpaca"),
+            "ontop": expected_answers(entry.path, on_top, "chat"),
+        }
+        assert not expected["base"] & expected_answers(
+            tiny_serving_model_dir, None, "alpaca"
+        )  # the fine-tune, not its base
         assert not expected["base"] & expected_answers(entry.path, None, "chat")  # in its template, not the tokenizer's
         for model, answers in expected.items():
             reply = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=NEW_TOKENS, temperature=0)

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from finch.config import ServeConfig, validate_config
+from finch.data.tokenization import prompt_token_ids
 from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import publish
-from finch.data.tokenization import prompt_token_ids
 from tests.conftest import free_port, make_tokenizer, model_source
 from tests.greedy import greedy_answers, load_reference
 from tests.integration.test_serve_engine import make_adapter, register
@@ -23,8 +23,15 @@ QUESTION = [{"role": "user", "content": "Name a colour."}]
 # Debian's Chromium (the Makefile installs it); Playwright drives it and downloads no browser.
 CHROMIUM = os.environ.get("FINCH_CHROMIUM", "/usr/bin/chromium")
 # The machine's network is closed: keep Chromium from trying to reach Google's services.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,10 @@ def server(ray_local, tmp_path_factory, tiny_serving_model_dir, monkeypatch_modu
 
     tmp = tmp_path_factory.mktemp("serve-http")
     registry = tmp / "registry"
-    adapters = {name: make_adapter(tiny_serving_model_dir, tmp / name, seed) for name, seed in (("a1", 1), ("a2", 2), ("a1v2", 3))}
+    adapters = {
+        name: make_adapter(tiny_serving_model_dir, tmp / name, seed)
+        for name, seed in (("a1", 1), ("a2", 2), ("a1v2", 3))
+    }
     register(registry, "a1", adapters["a1"], tiny_serving_model_dir)
     register(registry, "a2", adapters["a2"], tiny_serving_model_dir)
     monkeypatch_module.setenv("FINCH_API_KEY", API_KEY)
@@ -48,8 +58,15 @@ def server(ray_local, tmp_path_factory, tiny_serving_model_dir, monkeypatch_modu
             "on_demand": ["od-*"],
             "engine": {"max_model_len": 512, "max_loras": 3, "max_lora_rank": 8, "max_cpu_loras": 5},
             # two replicas: admin changes must reach both
-            "server": {"port": free_port(), "max_tokens_limit": 64, "request_timeout_s": 60, "num_replicas": 2,
-                       "cpus_per_replica": 0.5, "adapter_sync_s": 0.5, "tool_parser": "hermes"},
+            "server": {
+                "port": free_port(),
+                "max_tokens_limit": 64,
+                "request_timeout_s": 60,
+                "num_replicas": 2,
+                "cpus_per_replica": 0.5,
+                "adapter_sync_s": 0.5,
+                "tool_parser": "hermes",
+            },
         },
         schema=ServeConfig,
     )
@@ -91,13 +108,23 @@ def test_models_chat_and_streaming_match_transformers(server):
         assert reply.choices[0].message.content in expected[model], (model, expected[model])
         assert reply.usage.prompt_tokens == len(prompt_token_ids(QUESTION, make_tokenizer(), "chat"))
         assert reply.usage.completion_tokens <= 10
-        chunks = list(api.chat.completions.create(model=model, messages=QUESTION, max_tokens=10, temperature=0,
-                                                  stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            api.chat.completions.create(
+                model=model,
+                messages=QUESTION,
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == reply.choices[0].message.content
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
         assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
-    completion = api.completions.create(model="a1", prompt="Once upon", max_tokens=5, temperature=0.8, top_p=0.9, seed=3)
+    completion = api.completions.create(
+        model="a1", prompt="Once upon", max_tokens=5, temperature=0.8, top_p=0.9, seed=3
+    )
     again = api.completions.create(model="a1", prompt="Once upon", max_tokens=5, temperature=0.8, top_p=0.9, seed=3)
     assert completion.choices[0].text == again.choices[0].text  # seeded sampling repeats
 
@@ -141,7 +168,9 @@ def test_n_prompt_lists_and_token_prompts_answer_each_prompt_n_times(server):
 
     api = client(server[0])
     prompts = ["Once upon", "Name a colour"]
-    single = [api.completions.create(model="a1", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    single = [
+        api.completions.create(model="a1", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts
+    ]
     batch = api.completions.create(model="a1", prompt=prompts, n=2, max_tokens=6, temperature=0)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert [c.text for c in batch.choices] == [single[0], single[0], single[1], single[1]]  # choice = prompt * n + j
@@ -167,7 +196,9 @@ def test_logprobs_are_the_models_own_log_probabilities(server):
 
     url, _, adapters, model_dir = server
     api = client(url)
-    reply = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    reply = api.chat.completions.create(
+        model="a1", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
     entries = reply.choices[0].logprobs.content
     assert "".join(e.token for e in entries) == reply.choices[0].message.content
     assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.top_logprobs[-1].logprob for e in entries)
@@ -178,14 +209,22 @@ def test_logprobs_are_the_models_own_log_probabilities(server):
     with torch.no_grad():
         logits = load_reference(model_dir, adapters["a1"])(torch.tensor([prompt])).logits[0, -1]
     assert entries[0].logprob == pytest.approx(torch.log_softmax(logits, -1)[first].item(), abs=1e-3)
-    legacy = api.completions.create(model="base", prompt="Once upon", max_tokens=4, temperature=0, logprobs=2, stream=True)
+    legacy = api.completions.create(
+        model="base", prompt="Once upon", max_tokens=4, temperature=0, logprobs=2, stream=True
+    )
     chunks = [c.choices[0] for c in legacy if c.choices]
     assert "".join(t for c in chunks if c.logprobs for t in c.logprobs.tokens) == "".join(c.text for c in chunks)
 
 
-COLOUR_SCHEMA = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]},
-                                                  "shade": {"type": "integer", "minimum": 1, "maximum": 9}},
-                 "required": ["colour", "shade"], "additionalProperties": False}
+COLOUR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+        "shade": {"type": "integer", "minimum": 1, "maximum": 9},
+    },
+    "required": ["colour", "shade"],
+    "additionalProperties": False,
+}
 
 
 def test_response_format_json_schema_answers_match_the_schema(server):
@@ -197,23 +236,46 @@ def test_response_format_json_schema_answers_match_the_schema(server):
     api = client(server[0])
     response_format = {"type": "json_schema", "json_schema": {"name": "colour", "schema": COLOUR_SCHEMA}}
     for model in ("base", "a1"):
-        reply = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=30, temperature=0, response_format=response_format)
+        reply = api.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=30, temperature=0, response_format=response_format
+        )
         jsonschema.validate(json.loads(reply.choices[0].message.content), COLOUR_SCHEMA)
-        streamed = api.chat.completions.create(model=model, messages=QUESTION, max_tokens=30, temperature=1.0, seed=1, n=2,
-                                               response_format=response_format, stream=True)
+        streamed = api.chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            max_tokens=30,
+            temperature=1.0,
+            seed=1,
+            n=2,
+            response_format=response_format,
+            stream=True,
+        )
         texts: dict[int, str] = {}
         for chunk in streamed:
             for choice in chunk.choices:
                 texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
         for text in texts.values():
             jsonschema.validate(json.loads(text), COLOUR_SCHEMA)
-    free = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, temperature=0).choices[0].message.content
-    as_json = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, temperature=0,
-                                          response_format={"type": "json_object"}).choices[0].message.content
+    free = (
+        api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, temperature=0)
+        .choices[0]
+        .message.content
+    )
+    as_json = (
+        api.chat.completions.create(
+            model="a1", messages=QUESTION, max_tokens=4, temperature=0, response_format={"type": "json_object"}
+        )
+        .choices[0]
+        .message.content
+    )
     assert as_json.startswith("{") and not free.startswith("{")
     with pytest.raises(openai.UnprocessableEntityError, match="response_format.json_schema.*not a valid JSON schema"):
-        api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4,
-                                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}})
+        api.chat.completions.create(
+            model="a1",
+            messages=QUESTION,
+            max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}},
+        )
 
 
 def test_penalties_and_logit_bias_change_the_answer_as_asked(server):
@@ -223,14 +285,21 @@ def test_penalties_and_logit_bias_change_the_answer_as_asked(server):
     tokenizer = make_tokenizer()
     plain = api.completions.create(model="base", prompt="Once upon", max_tokens=12, temperature=0)
     forced_id = tokenizer("cat", add_special_tokens=False)["input_ids"][0]
-    forced = api.completions.create(model="base", prompt="Once upon", max_tokens=3, temperature=0, logit_bias={str(forced_id): 100})
+    forced = api.completions.create(
+        model="base", prompt="Once upon", max_tokens=3, temperature=0, logit_bias={str(forced_id): 100}
+    )
     assert forced.choices[0].text == tokenizer.decode([forced_id] * 3)  # +100 makes that token every greedy choice
     ids = tokenizer(plain.choices[0].text, add_special_tokens=False)["input_ids"]
     assert len(set(ids)) < len(ids), "the test needs a plain answer that repeats a token"
-    penalized = api.completions.create(model="base", prompt="Once upon", max_tokens=12, temperature=0, frequency_penalty=2.0, stream=True)
+    penalized = api.completions.create(
+        model="base", prompt="Once upon", max_tokens=12, temperature=0, frequency_penalty=2.0, stream=True
+    )
     text = "".join(chunk.choices[0].text for chunk in penalized if chunk.choices)
     assert text != plain.choices[0].text
-    for field, value, message in (("logit_bias", {"999999": 5}, "not in the vocabulary"), ("presence_penalty", 3.0, "presence_penalty")):
+    for field, value, message in (
+        ("logit_bias", {"999999": 5}, "not in the vocabulary"),
+        ("presence_penalty", 3.0, "presence_penalty"),
+    ):
         with pytest.raises((openai.BadRequestError, openai.UnprocessableEntityError), match=message):
             api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, stream=True, **{field: value})
 
@@ -241,8 +310,16 @@ def test_text_parts_and_fields_set_to_their_no_op_values_are_served(server):
     api = client(server[0])
     plain = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=8, temperature=0)
     parts = [{"role": "user", "content": [{"type": "text", "text": QUESTION[0]["content"]}]}]
-    same = api.chat.completions.create(model="a1", messages=parts, max_tokens=8, temperature=0, logprobs=False,
-                                       frequency_penalty=0, response_format={"type": "text"}, user="someone")
+    same = api.chat.completions.create(
+        model="a1",
+        messages=parts,
+        max_tokens=8,
+        temperature=0,
+        logprobs=False,
+        frequency_penalty=0,
+        response_format={"type": "text"},
+        user="someone",
+    )
     assert same.choices[0].message.content == plain.choices[0].message.content
     assert same.usage.prompt_tokens == plain.usage.prompt_tokens
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
@@ -270,7 +347,11 @@ def test_adapters_load_reload_and_unload_under_traffic(server):
     assert not before & after
 
     def ask(_):
-        return api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=8, temperature=0).choices[0].message.content
+        return (
+            api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(ask, range(4)))
@@ -302,7 +383,11 @@ def test_registry_adapters_are_served_on_demand_with_new_versions_and_no_admin_c
         register(registry, name, adapters[name], model_dir)
 
     def ask(model: str) -> str:
-        return api.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0).choices[0].message.content
+        return (
+            api.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     listed = {m.id for m in api.models.list().data}
     assert {"od-1", "od-2"} <= listed and "od-wide" not in listed  # rank 16 > engine.max_lora_rank
@@ -324,9 +409,19 @@ def test_registry_adapters_are_served_on_demand_with_new_versions_and_no_admin_c
     assert on_demand["loads"] >= 1 and set(on_demand["cached"]) <= {"od-1@v1", "od-1@v2", "od-2@v1"}
 
 
-WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}}, "required": ["city"],
-    "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 def test_tools_reach_the_prompt_and_forced_calls_match_their_schema(server):
@@ -338,25 +433,57 @@ def test_tools_reach_the_prompt_and_forced_calls_match_their_schema(server):
     url, registry, adapters, model_dir = server
     api = client(url)
     plain = api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=4, temperature=0)
-    named = api.chat.completions.create(model="a1", messages=QUESTION, tools=[WEATHER, TOOL], max_tokens=30, temperature=0,
-                                        tool_choice={"type": "function", "function": {"name": "weather"}})
+    named = api.chat.completions.create(
+        model="a1",
+        messages=QUESTION,
+        tools=[WEATHER, TOOL],
+        max_tokens=30,
+        temperature=0,
+        tool_choice={"type": "function", "function": {"name": "weather"}},
+    )
     (call,) = named.choices[0].message.tool_calls
     assert call.function.name == "weather" and named.choices[0].finish_reason == "tool_calls"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
     assert named.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the tool definitions are in the prompt
-    streamed = api.chat.completions.create(model="base", messages=QUESTION, tools=[WEATHER, TOOL], tool_choice="required",
-                                           parallel_tool_calls=False, max_tokens=40, temperature=0, stream=True)
+    streamed = api.chat.completions.create(
+        model="base",
+        messages=QUESTION,
+        tools=[WEATHER, TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+    )
     calls = [c for chunk in streamed for choice in chunk.choices for c in choice.delta.tool_calls or []]
     assert len(calls) == 1 and calls[0].function.name in {"weather", "lookup"}
-    conversation = [*QUESTION, {"role": "assistant", "tool_calls": [call.model_dump()]},
-                    {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
-    follow_up = api.chat.completions.create(model="a1", messages=conversation, tools=[WEATHER], tool_choice="none", max_tokens=6, temperature=0)
+    conversation = [
+        *QUESTION,
+        {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    follow_up = api.chat.completions.create(
+        model="a1", messages=conversation, tools=[WEATHER], tool_choice="none", max_tokens=6, temperature=0
+    )
     assert isinstance(follow_up.choices[0].message.content, str) and not follow_up.choices[0].message.tool_calls
-    auto = api.chat.completions.create(model="a1", messages=QUESTION, tools=[WEATHER], max_tokens=6, temperature=0)  # hermes reads it
-    assert auto.choices[0].message.content == api.chat.completions.create(
-        model="a1", messages=QUESTION, tools=[WEATHER], tool_choice="none", max_tokens=6, temperature=0).choices[0].message.content
+    auto = api.chat.completions.create(
+        model="a1", messages=QUESTION, tools=[WEATHER], max_tokens=6, temperature=0
+    )  # hermes reads it
+    assert (
+        auto.choices[0].message.content
+        == api.chat.completions.create(
+            model="a1", messages=QUESTION, tools=[WEATHER], tool_choice="none", max_tokens=6, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
     entry = {f: adapters["a2"] / f for f in ("adapter_config.json", "adapter_model.safetensors")}
-    publish(registry, "od-alpaca", entry, {"base_model": {"fingerprint": fingerprint_model_folder(model_dir)}, "template": "alpaca"})
+    publish(
+        registry,
+        "od-alpaca",
+        entry,
+        {"base_model": {"fingerprint": fingerprint_model_folder(model_dir)}, "template": "alpaca"},
+    )
     with pytest.raises(openai.BadRequestError, match="tools: model 'od-alpaca' is prompted with the alpaca template"):
         api.chat.completions.create(model="od-alpaca", messages=QUESTION, tools=[WEATHER], max_tokens=4)
 
@@ -428,8 +555,13 @@ def tight_server(server, tiny_serving_model_dir):
             "template": "chat",
             "registry_dir": str(registry),
             "engine": {"max_model_len": 1024, "max_loras": 2, "max_lora_rank": 8},
-            "server": {"max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 1.0,
-                       "max_tokens_limit": 950, "cpus_per_replica": 0.25},
+            "server": {
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "request_timeout_s": 1.0,
+                "max_tokens_limit": 950,
+                "cpus_per_replica": 0.25,
+            },
         },
         schema=ServeConfig,
     )
@@ -455,8 +587,9 @@ def test_slow_generations_time_out_with_a_504_and_the_server_goes_on(tight_serve
     response = httpx.post(f"{tight_server}/v1/chat/completions", json=SLOW, headers=AUTH, timeout=60)
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
     assert time.monotonic() - started < 8
-    with httpx.stream("POST", f"{tight_server}/v1/chat/completions", json=SLOW | {"stream": True}, headers=AUTH,
-                      timeout=60) as stream:
+    with httpx.stream(
+        "POST", f"{tight_server}/v1/chat/completions", json=SLOW | {"stream": True}, headers=AUTH, timeout=60
+    ) as stream:
         events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
     assert "timeout" in events[-2] and events[-1] == "[DONE]"  # a stream ends with an error event, then DONE
     assert answers_quickly(tight_server)
@@ -500,18 +633,29 @@ def test_eval_judge_scores_through_finch_serve_and_counts_refused_rows(server, m
 
     url = server[0]
     rubric = "Score 1-10. Question: {prompt} Answer: {answer} Reference: {reference}"
-    items = [{"prompt": "Name a colour.", "answer": f"Colour {n}", "reference": "Blue" if n else None} for n in range(3)]
+    items = [
+        {"prompt": "Name a colour.", "answer": f"Colour {n}", "reference": "Blue" if n else None} for n in range(3)
+    ]
     monkeypatch.setenv("JUDGE_KEY", API_KEY)
     judge = JudgeConfig(url=f"{url}/v1", model="a1", rubric=rubric, api_key_env="JUDGE_KEY", max_tokens=16)
     scores = judge_scores(judge, items)
     for item, (score, error) in zip(items, scores):
         content = rubric.replace("{prompt}", item["prompt"]).replace("{answer}", item["answer"])
         content = content.replace("{reference}", item["reference"] or "(none)")
-        reply = client(url).chat.completions.create(
-            model="a1", messages=[{"role": "user", "content": content}], temperature=0, max_tokens=16
-        ).choices[0].message.content
+        reply = (
+            client(url)
+            .chat.completions.create(
+                model="a1", messages=[{"role": "user", "content": content}], temperature=0, max_tokens=16
+            )
+            .choices[0]
+            .message.content
+        )
         number = re.search(r"(?:(?<![\w-])-)?\d+(?:\.\d+)?", reply)
-        assert (score, error is None) == ((float(number.group()), True) if number else (None, False)), (reply, score, error)
+        assert (score, error is None) == ((float(number.group()), True) if number else (None, False)), (
+            reply,
+            score,
+            error,
+        )
     monkeypatch.setenv("JUDGE_KEY", "wrong-key")
     refused = judge_scores(judge, items)
     assert all(score is None and "401" in error for score, error in refused), refused
@@ -525,9 +669,21 @@ def test_prometheus_metrics_per_model_are_scraped_from_every_ray_node(server):
     url, registry, adapters, model_dir = server
     api = client(url)
     before = scraped("finch")
-    replies = [api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=6, temperature=0) for _ in range(2)]
-    replies.append(list(api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=6, temperature=0, stream=True,
-                                                    stream_options={"include_usage": True}))[-1])
+    replies = [
+        api.chat.completions.create(model="a1", messages=QUESTION, max_tokens=6, temperature=0) for _ in range(2)
+    ]
+    replies.append(
+        list(
+            api.chat.completions.create(
+                model="a1",
+                messages=QUESTION,
+                max_tokens=6,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )[-1]
+    )
     api.completions.create(model="base", prompt="Once upon", max_tokens=3)
     with pytest.raises(openai.NotFoundError):
         api.chat.completions.create(model="no-such-model", messages=QUESTION)
@@ -537,8 +693,12 @@ def test_prometheus_metrics_per_model_are_scraped_from_every_ray_node(server):
     # Until one replica has served all five: more than its cache holds next to the pinned adapters, so it evicted.
     seen: dict[str, set[str]] = {}
     for turn in range(60):
-        response = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60,
-                              json={"model": on_demand[turn % 5], "prompt": "Once upon", "max_tokens": 1})
+        response = httpx.post(
+            f"{url}/v1/completions",
+            headers=AUTH,
+            timeout=60,
+            json={"model": on_demand[turn % 5], "prompt": "Once upon", "max_tokens": 1},
+        )
         seen.setdefault(response.raise_for_status().headers["x-finch-replica"], set()).add(on_demand[turn % 5])
         if max(len(models) for models in seen.values()) == 5:
             break
@@ -561,7 +721,10 @@ def test_prometheus_metrics_per_model_are_scraped_from_every_ray_node(server):
 
     def short() -> list[tuple[str, dict[str, str], float, int]]:
         now = scraped("finch")
-        grown = [(name, labels, total(now, name, labels) - total(before, name, labels), least) for name, labels, least in expected]
+        grown = [
+            (name, labels, total(now, name, labels) - total(before, name, labels), least)
+            for name, labels, least in expected
+        ]
         return [row for row in grown if row[2] < row[3]]
 
     deadline = time.monotonic() + 60  # Ray's agent exports what replicas recorded every few seconds
@@ -579,9 +742,13 @@ def scraped(application: str) -> list[tuple[str, dict[str, str], float]]:
 
     from finch.serve.metrics import scrape_urls
 
-    return [(sample.name, sample.labels, sample.value) for address in scrape_urls()
-            for family in text_string_to_metric_families(httpx.get(address, timeout=30).text)
-            for sample in family.samples if sample.labels.get("application") == application]
+    return [
+        (sample.name, sample.labels, sample.value)
+        for address in scrape_urls()
+        for family in text_string_to_metric_families(httpx.get(address, timeout=30).text)
+        for sample in family.samples
+        if sample.labels.get("application") == application
+    ]
 
 
 def total(samples: list[tuple[str, dict[str, str], float]], name: str, labels: dict[str, str]) -> float:

@@ -11,14 +11,19 @@ import pytest
 import torch
 import yaml
 
+from finch.chat import ChatSession
 from finch.fingerprint import fingerprint_model_folder
-from finch.registry.store import resolve_adapter
+from finch.registry.store import resolve_entry
 from tests.conftest import run_config_dict, write_jsonl
 
 pytestmark = pytest.mark.integration
 FINCH = [sys.executable, "-m", "finch.cli"]
 FACTS = [
-    {"instruction": f"What is the code word for room {n}?", "input": "", "output": f"The code word for room {n} is lantern-{n}."}
+    {
+        "instruction": f"What is the code word for room {n}?",
+        "input": "",
+        "output": f"The code word for room {n} is lantern-{n}.",
+    }
     for n in range(40)
 ]
 
@@ -41,14 +46,20 @@ def trained(tmp_path_factory, tiny_plain_model_dir):
 
 def test_registry_entry_has_peft_files_and_a_complete_manifest(trained, tiny_plain_model_dir):
     tmp_path, _ = trained
-    entry = resolve_adapter(tmp_path / "registry", "facts")
+    entry = resolve_entry(tmp_path / "registry", "facts")
     assert entry.ref == "facts@v1"
     assert sorted(p.name for p in entry.path.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "finch_manifest.json", "loss.png",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "finch_manifest.json",
+        "loss.png",
     ]
     manifest = entry.manifest
-    assert manifest["base_model"] == {"id": str(tiny_plain_model_dir), "revision": None,  # a hub commit for hub ids
-                                      "fingerprint": fingerprint_model_folder(tiny_plain_model_dir)}
+    assert manifest["base_model"] == {
+        "id": str(tiny_plain_model_dir),
+        "revision": None,  # a hub commit for hub ids
+        "fingerprint": fingerprint_model_folder(tiny_plain_model_dir),
+    }
     assert manifest["dataset"]["fingerprint"].startswith("sha256:")
     assert manifest["dataset"]["stats"]["examples"] == len(FACTS)
     assert manifest["config"]["train"]["lr"] == 5e-3  # the override, resolved
@@ -58,7 +69,9 @@ def test_registry_entry_has_peft_files_and_a_complete_manifest(trained, tiny_pla
     assert manifest["finch_version"] and manifest["created_at"].endswith("+00:00")
     # what the run computed in, and why: the config's float32 is kept, on this machine's CPU
     assert manifest["precision"]["weights"] == "float32" and manifest["precision"]["mixed_precision"] == "no"
-    assert manifest["precision"]["device"]["kind"] == "cpu" and "measured" in manifest["precision"]["device"]["evidence"]
+    assert (
+        manifest["precision"]["device"]["kind"] == "cpu" and "measured" in manifest["precision"]["device"]["evidence"]
+    )
     run_dir = tmp_path / "runs" / "facts"
     assert (run_dir / "loss.png").stat().st_size > 1000
     history = json.loads((run_dir / "final" / "log_history.json").read_text())
@@ -83,7 +96,7 @@ def test_adapter_loads_with_plain_peft_and_changes_the_model(trained, tiny_plain
     from transformers import AutoModelForCausalLM
 
     tmp_path, _ = trained
-    entry = resolve_adapter(tmp_path / "registry", "facts")
+    entry = resolve_entry(tmp_path / "registry", "facts")
     base = AutoModelForCausalLM.from_pretrained(tiny_plain_model_dir, dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -98,10 +111,35 @@ def test_adapter_loads_with_plain_peft_and_changes_the_model(trained, tiny_plain
 
 def test_chat_shows_base_and_adapter_side_by_side(trained):
     tmp_path, _ = trained
-    result = finch("chat", "--adapter", "facts", "--prompt", "What is the code word for room 3?", "--max-new-tokens", "8", cwd=tmp_path)
+    result = finch(
+        "chat",
+        "--adapter",
+        "facts",
+        "--prompt",
+        "What is the code word for room 3?",
+        "--max-new-tokens",
+        "8",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "base" in result.stdout and "facts@v1" in result.stdout
     assert "finch: generating in float32 on " in result.stdout  # the run's explicit dtype, kept
+    # The table shows each model's greedy answer under its name, in that order, and they differ.
+    expected = ChatSession.from_registry(tmp_path / "registry", ["facts"]).side_by_side(
+        "What is the code word for room 3?", max_new_tokens=8
+    )
+    assert list(expected) == ["base", "facts@v1"] and expected["base"] != expected["facts@v1"]
+    assert table_columns(result.stdout) == [squeezed(f"{name}{answer}") for name, answer in expected.items()]
+
+
+def squeezed(text: str) -> str:
+    return "".join(text.split())
+
+
+def table_columns(printed: str) -> list[str]:
+    """Each column of the rich table in `printed`, its cells joined without whitespace (rich wraps them)."""
+    lines = printed.replace("┃", "│").splitlines()  # the header row's rule is heavy
+    rows = [line.strip().strip("│").split("│") for line in lines if line.lstrip().startswith("│")]
+    return ["".join(squeezed(row[i]) for row in rows) for i in range(len(rows[0]))]
 
 
 def test_second_run_with_same_name_needs_overwrite(trained):
@@ -120,7 +158,9 @@ def test_bad_config_key_fails_before_any_work(trained):
 
 def test_bad_dataset_row_names_file_and_line(tmp_path, tiny_plain_model_dir):
     data = tmp_path / "bad.jsonl"
-    data.write_text(json.dumps(FACTS[0]) + "\n" + json.dumps({"instruction": "Q", "output": ["not", "a", "string"]}) + "\n")
+    data.write_text(
+        json.dumps(FACTS[0]) + "\n" + json.dumps({"instruction": "Q", "output": ["not", "a", "string"]}) + "\n"
+    )
     config = run_config_dict(tmp_path, tiny_plain_model_dir, [str(data)], name="bad")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     result = finch("train", "run.yaml", cwd=tmp_path)

@@ -8,7 +8,7 @@ import pytest
 
 from finch.config import validate_config
 from finch.train.run import train
-from tests.conftest import run_config_dict, shared_file
+from tests.conftest import data_file, run_config_dict
 
 pytestmark = pytest.mark.integration
 
@@ -18,10 +18,17 @@ def test_eval_loss_falls_on_gsm8k(ray_local, tiny_model_dir, tmp_path):
         run_config_dict(
             tmp_path,
             tiny_model_dir,
-            [str(shared_file("sft/gsm8k_chat_train.jsonl"))],
+            [str(data_file("sft/gsm8k_chat_train.jsonl"))],
             name="gsm8k",
             data={"eval_fraction": 0.1, "max_length": 256},
-            train={"lr": 1e-2, "max_steps": 24, "batch_size": 4, "eval_steps": 12, "save_steps": 12, "scheduler": "constant"},
+            train={
+                "lr": 1e-2,
+                "max_steps": 24,
+                "batch_size": 4,
+                "eval_steps": 12,
+                "save_steps": 12,
+                "scheduler": "constant",
+            },
         )
     )
     entry = train(config)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from finch.config import SweepConfig, validate_config
-from finch.registry.store import resolve_adapter
+from finch.registry.store import resolve_entry
 from finch.tune.sweep import search_space, tune_config
 from tests.conftest import run_config_dict, write_jsonl
 from tests.integration.test_train_e2e import FACTS, FINCH, finch
@@ -24,21 +24,32 @@ GOOD_LR, USELESS_LR = 5e-3, 1e-7
 
 def write_sweep(tmp_path: Path, model_dir: Path, **sweep) -> Path:
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
-    run = run_config_dict(tmp_path, model_dir, [str(data)], name="facts",
-                          data={"max_length": 128, "eval_fraction": 0.2},
-                          train={"max_steps": 8, "eval_steps": 2, "save_steps": 2, "scheduler": "constant"})
+    run = run_config_dict(
+        tmp_path,
+        model_dir,
+        [str(data)],
+        name="facts",
+        data={"max_length": 128, "eval_fraction": 0.2},
+        train={"max_steps": 8, "eval_steps": 2, "save_steps": 2, "scheduler": "constant"},
+    )
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
-    config = {"name": "lr-sweep", "run": "run.yaml", "output_dir": str(tmp_path / "sweeps"), "register_as": "facts-best",
-              "search": {"algorithm": "grid", "space": {"train.lr": {"grid": [GOOD_LR, USELESS_LR]}}},
-              "early_stopping": {"grace_period": 2, "reduction_factor": 2}} | sweep
+    config = {
+        "name": "lr-sweep",
+        "run": "run.yaml",
+        "output_dir": str(tmp_path / "sweeps"),
+        "register_as": "facts-best",
+        "search": {"algorithm": "grid", "space": {"train.lr": {"grid": [GOOD_LR, USELESS_LR]}}},
+        "early_stopping": {"grace_period": 2, "reduction_factor": 2},
+    } | sweep
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
     return tmp_path / "sweep.yaml"
 
 
 def interrupt_after_first_checkpoint(tmp_path: Path) -> subprocess.CompletedProcess:
     """Start `finch tune`, and press Ctrl-C once the first trial has a checkpoint."""
-    process = subprocess.Popen([*FINCH, "tune", "sweep.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [*FINCH, "tune", "sweep.yaml"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     trials = tmp_path / "sweeps" / "lr-sweep" / "trials"
     deadline = time.monotonic() + 600
     while not any(trials.glob("trial-*/checkpoint_manager_snapshot.json")) and time.monotonic() < deadline:
@@ -67,7 +78,7 @@ def test_interrupted_sweep_resumes_stops_a_trailing_trial_and_registers_the_best
     assert (sweep_dir / "results.png").stat().st_size > 10_000
     assert "sweep lr-sweep: 2 trials" in result.stdout and "stopped early" in result.stdout
 
-    entry = resolve_adapter(tmp_path / "registry", "facts-best")
+    entry = resolve_entry(tmp_path / "registry", "facts-best")
     lineage = entry.manifest["lineage"]
     assert lineage["sweep"] == "lr-sweep" and lineage["trial"] == by_lr[GOOD_LR]["trial"]
     assert lineage["params"] == {"train.lr": GOOD_LR}
@@ -77,7 +88,9 @@ def test_interrupted_sweep_resumes_stops_a_trailing_trial_and_registers_the_best
     trial_run = sweep_dir / "trials" / f"trial-{lineage['trial']}"
     # the interrupted trial went on from its checkpoint: its history holds the evaluations from
     # before the interrupt, then the resumed run's first one at the checkpoint's step
-    evaluated = [e["step"] for e in json.loads((trial_run / "final" / "log_history.json").read_text()) if "eval_loss" in e]
+    evaluated = [
+        e["step"] for e in json.loads((trial_run / "final" / "log_history.json").read_text()) if "eval_loss" in e
+    ]
     assert evaluated.count(0) == 1 and len(evaluated) > len(set(evaluated)), evaluated
 
     again = finch("tune", "sweep.yaml", cwd=tmp_path)
@@ -93,10 +106,21 @@ def test_bad_search_values_fail_before_any_trial(tmp_path, tiny_plain_model_dir)
 
 
 def test_optuna_and_random_searchers_accept_finch_spaces():
-    space = {"train.lr": {"loguniform": [1e-5, 1e-3]}, "lora.r": {"choice": [8, 16]}, "train.epochs": {"randint": [1, 3]}}
+    space = {
+        "train.lr": {"loguniform": [1e-5, 1e-3]},
+        "lora.r": {"choice": [8, 16]},
+        "train.epochs": {"randint": [1, 3]},
+    }
     for algorithm in ("optuna", "random"):
-        sweep = validate_config({"name": "s", "run": "r.yaml", "search": {"algorithm": algorithm, "space": space},
-                                 "max_concurrent_trials": 3}, schema=SweepConfig)
+        sweep = validate_config(
+            {
+                "name": "s",
+                "run": "r.yaml",
+                "search": {"algorithm": algorithm, "space": space},
+                "max_concurrent_trials": 3,
+            },
+            schema=SweepConfig,
+        )
         searcher = tune_config(sweep).search_alg
         assert searcher.max_concurrent == 3  # the searcher itself holds the limit (Tune drops it otherwise)
         assert searcher.set_search_properties("eval_loss", "min", search_space(sweep))

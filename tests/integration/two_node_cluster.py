@@ -32,13 +32,20 @@ def main(run_config_path: str, serve_config_path: str, observations_path: str) -
     # Ports of its own: another Ray instance on the machine (the test session's) holds the default
     # dashboard and agent ports, and without a dashboard the state API below cannot list actors.
     dashboard, head_agent, head_metrics, node_metrics = free_ports(4)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_port": dashboard,
-        "dashboard_agent_listen_port": head_agent, "metrics_export_port": head_metrics,
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": True,
+            "dashboard_port": dashboard,
+            "dashboard_agent_listen_port": head_agent,
+            "metrics_export_port": head_metrics,
+        },
+    )
     # The second node's processes see a Hugging Face cache of their own (the head's is the driver's).
-    cluster.add_node(num_cpus=1, metrics_export_port=node_metrics,
-                     env_vars={"HF_HUB_CACHE": os.environ["FINCH_TEST_NODE_HF_CACHE"]})
+    cluster.add_node(
+        num_cpus=1, metrics_export_port=node_metrics, env_vars={"HF_HUB_CACHE": os.environ["FINCH_TEST_NODE_HF_CACHE"]}
+    )
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address
     ray.init(address=cluster.address)
@@ -50,19 +57,32 @@ def main(run_config_path: str, serve_config_path: str, observations_path: str) -
         url = run(serve_config, blocking=False)
         replica_nodes = actor_nodes(cluster.address, f"ServeReplica:{serve_config.name}:finch")
         with httpx.Client(base_url=url, timeout=60) as client:
-            answers = [client.post("/v1/chat/completions", json={"model": entry.name, "max_tokens": 4, "temperature": 0,
-                                                                 "messages": [{"role": "user", "content": "Room 3?"}]})
-                       for _ in range(16)]
+            answers = [
+                client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": entry.name,
+                        "max_tokens": 4,
+                        "temperature": 0,
+                        "messages": [{"role": "user", "content": "Room 3?"}],
+                    },
+                )
+                for _ in range(16)
+            ]
         stop(serve_config)
-        Path(observations_path).write_text(json.dumps({
-            "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}),
-            "train_worker_nodes": train_nodes,
-            "replica_nodes": replica_nodes,
-            "statuses": [a.status_code for a in answers],
-            "answers": [a.json()["choices"][0]["message"]["content"] for a in answers if a.status_code == 200],
-            "replicas_answering": sorted({a.headers["x-finch-replica"] for a in answers}),
-            "registered": entry.ref,
-        }))
+        Path(observations_path).write_text(
+            json.dumps(
+                {
+                    "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}),
+                    "train_worker_nodes": train_nodes,
+                    "replica_nodes": replica_nodes,
+                    "statuses": [a.status_code for a in answers],
+                    "answers": [a.json()["choices"][0]["message"]["content"] for a in answers if a.status_code == 200],
+                    "replicas_answering": sorted({a.headers["x-finch-replica"] for a in answers}),
+                    "registered": entry.ref,
+                }
+            )
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()

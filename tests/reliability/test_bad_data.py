@@ -44,7 +44,9 @@ def mixed_file(tmp_path):
 
 
 def prepare(path, tiny_model_dir, **data):
-    return prepare_datasets(DataConfig(train_files=[str(path)], max_length=MAX_LENGTH, **data), model_source(tiny_model_dir))
+    return prepare_datasets(
+        DataConfig(train_files=[str(path)], max_length=MAX_LENGTH, **data), model_source(tiny_model_dir)
+    )
 
 
 def test_error_mode_stops_at_the_first_bad_row(ray_local, tiny_model_dir, mixed_file):
@@ -60,7 +62,12 @@ def test_skip_mode_counts_and_reports_what_it_dropped(ray_local, tiny_model_dir,
     assert stats["truncated"] == 0 and stats["length_max"] <= MAX_LENGTH
     warning = caplog.text
     assert "skipped 3 bad rows, 1 over-long examples" in warning
-    for line, problem in [(3, "invalid JSON"), (5, "field output: expected a string"), (6, "field messages[1].content is empty"), (7, "example is")]:
+    for line, problem in [
+        (3, "invalid JSON"),
+        (5, "field output: expected a string"),
+        (6, "field messages[1].content is empty"),
+        (7, "example is"),
+    ]:
         assert f"{mixed_file}:{line}: {problem}" in warning
     print_data_stats(prepared)
     printed = " ".join(capsys.readouterr().out.split())
@@ -68,14 +75,19 @@ def test_skip_mode_counts_and_reports_what_it_dropped(ray_local, tiny_model_dir,
 
 
 def test_overlong_error_names_the_row_and_its_length(ray_local, tiny_model_dir, mixed_file):
-    with pytest.raises(DatasetError, match=rf"^{mixed_file}:7: example is \d+ tokens, longer than data.max_length {MAX_LENGTH}$"):
+    with pytest.raises(
+        DatasetError, match=rf"^{mixed_file}:7: example is \d+ tokens, longer than data.max_length {MAX_LENGTH}$"
+    ):
         prepare(mixed_file, tiny_model_dir, bad_rows="skip", overlong="error")
 
 
 def test_nothing_left_after_skipping_is_still_an_error(ray_local, tiny_model_dir, tmp_path):
     path = tmp_path / "all_bad.jsonl"
     path.write_text("".join(line + "\n" for line in LINES[2:3] + LINES[4:7]))
-    with pytest.raises(DatasetError, match=r"no examples in .*all_bad.jsonl: every row was skipped \(3 bad rows, 1 over-long examples\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"no examples in .*all_bad.jsonl: every row was skipped \(3 bad rows, 1 over-long examples\)",
+    ):
         prepare(path, tiny_model_dir, bad_rows="skip", overlong="skip")
 
 
@@ -86,5 +98,9 @@ def test_preference_pairs_skip_bad_and_overlong_rows(ray_local, tiny_model_dir, 
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = DataConfig(train_files=[str(path)], max_length=MAX_LENGTH, bad_rows="skip", overlong="skip")
     prepared = prepare_datasets(data, model_source(tiny_model_dir), objective="dpo")
-    assert (prepared.stats["skipped_bad_rows"], prepared.stats["skipped_overlong"], prepared.stats["examples"]) == (1, 1, 2)
+    assert (prepared.stats["skipped_bad_rows"], prepared.stats["skipped_overlong"], prepared.stats["examples"]) == (
+        1,
+        1,
+        2,
+    )
     assert prepared.train.count() == 2

@@ -37,18 +37,24 @@ def test_an_unwritable_folder_is_refused_before_training(tmp_path, tiny_model_di
         train(config)
 
 
-def test_a_disk_without_room_for_the_checkpoints_is_refused_before_training(tmp_path, tiny_model_dir, monkeypatch, no_ray):
+def test_a_disk_without_room_for_the_checkpoints_is_refused_before_training(
+    tmp_path, tiny_model_dir, monkeypatch, no_ray
+):
     config = tiny_config(tmp_path, tiny_model_dir, train={"method": "full"})
     parameters = trainable_parameter_count(config, str(tiny_model_dir))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**40 - parameters * 12, parameters * 12))
-    with pytest.raises(OutputFolderError, match=rf"{config.run_dir} has \d+ MiB free; .*{parameters:,} trained parameters"):
+    with pytest.raises(
+        OutputFolderError, match=rf"{config.run_dir} has \d+ MiB free; .*{parameters:,} trained parameters"
+    ):
         train(config)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_space_estimate_counts_what_the_worker_trains(tmp_path, tiny_model_dir, method):
-    config = tiny_config(tmp_path, tiny_model_dir, train={"method": method}, model={"path": str(tiny_model_dir), "dtype": "float32"})
+    config = tiny_config(
+        tmp_path, tiny_model_dir, train={"method": method}, model={"path": str(tiny_model_dir), "dtype": "float32"}
+    )
     model = load_trainable_model(config, str(tiny_model_dir))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable_parameter_count(config, str(tiny_model_dir)) == trained

@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from finch.config import ConfigError, ServeConfig, validate_config
-from finch.data.pipeline import load_tokenizer
 from finch.models.loading import load_trainable_model, trainable_parameter_count
+from finch.models.tokenizer import load_tokenizer
 from finch.serve.engine import write_zero_adapter
 from tests.conftest import model_source, run_config_dict, write_jsonl
 
@@ -33,7 +33,10 @@ def remote_code_model(tmp_path, tiny_model_dir):
     folder = tmp_path / "remote-code-model"
     shutil.copytree(tiny_model_dir, folder)
     config = json.loads((folder / "config.json").read_text())
-    config |= {"model_type": "remote-llama", "auto_map": {"AutoConfig": "remote.RemoteConfig", "AutoModelForCausalLM": "remote.RemoteModel"}}
+    config |= {
+        "model_type": "remote-llama",
+        "auto_map": {"AutoConfig": "remote.RemoteConfig", "AutoModelForCausalLM": "remote.RemoteModel"},
+    }
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "remote.py").write_text(REMOTE_CODE)
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())

@@ -27,7 +27,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from finch.config import ServeConfig, validate_config
-from finch.registry.store import MANIFEST, resolve_adapter
+from finch.registry.store import MANIFEST, resolve_entry
 from tests.conftest import REPO, free_port, make_adapter
 from tests.integration.test_serve_engine import register
 
@@ -74,8 +74,8 @@ def served(ray_local, tmp_path_factory, tiny_serving_model_dir, tiny_model_dir):
         register(registry, name, make_adapter(tiny_serving_model_dir, tmp / name, seed), tiny_serving_model_dir)
     register(registry, "other-base", make_adapter(tiny_model_dir, tmp / "other-base", 9), tiny_model_dir)
     marker = tmp / "unpickled"
-    pickled = resolve_adapter(registry, "a1").path.parent.parent / "pickled" / "v1"
-    shutil.copytree(resolve_adapter(registry, "a1").path, pickled)
+    pickled = resolve_entry(registry, "a1").path.parent.parent / "pickled" / "v1"
+    shutil.copytree(resolve_entry(registry, "a1").path, pickled)
     (pickled / "adapter_model.safetensors").unlink()
     (pickled / "adapter_model.bin").write_bytes(pickle.dumps(PickleBomb(marker)))
     manifest = json.loads((pickled / MANIFEST).read_text()) | {"name": "pickled"}
@@ -91,8 +91,15 @@ def served(ray_local, tmp_path_factory, tiny_serving_model_dir, tiny_model_dir):
                 "registry_dir": str(registry),
                 "adapters": ["a1", "a2", "a3"],
                 "engine": {"max_model_len": 128, "max_loras": 4, "max_lora_rank": 8},
-                "server": {"port": free_port(), "max_tokens_limit": 32, "request_timeout_s": 60, "num_replicas": 2,
-                           "cpus_per_replica": 0.5, "adapter_sync_s": 0.5, "max_request_bytes": MAX_BODY},
+                "server": {
+                    "port": free_port(),
+                    "max_tokens_limit": 32,
+                    "request_timeout_s": 60,
+                    "num_replicas": 2,
+                    "cpus_per_replica": 0.5,
+                    "adapter_sync_s": 0.5,
+                    "max_request_bytes": MAX_BODY,
+                },
             },
             schema=ServeConfig,
         )
@@ -142,8 +149,15 @@ def hostile_requests(url: str) -> list[tuple[str, dict, set[int]]]:
     return [
         ("declared oversize body", post | {"json": base | {"pad": "x" * MAX_BODY}}, {413}),
         ("streamed oversize body", post | {"content": chunks()}, {413}),
-        ("invalid UTF-8", post | {"content": b'{"model": "base", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
-                                  "headers": AUTH | {"content-type": "application/json"}}, {400, 422}),
+        (
+            "invalid UTF-8",
+            post
+            | {
+                "content": b'{"model": "base", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+                "headers": AUTH | {"content-type": "application/json"},
+            },
+            {400, 422},
+        ),
         ("not JSON", post | {"content": b"{nope", "headers": AUTH | {"content-type": "application/json"}}, {400, 422}),
         ("negative max_tokens", post | {"json": base | {"max_tokens": -5}}, {422}),
         ("huge max_tokens", post | {"json": base | {"max_tokens": 10**12}}, {422}),
@@ -151,18 +165,54 @@ def hostile_requests(url: str) -> list[tuple[str, dict, set[int]]]:
         ("no messages", post | {"json": {"model": "base", "messages": []}}, {422}),
         ("unknown adapter", post | {"json": base | {"model": "nope"}}, {404}),
         ("unknown version", post | {"json": base | {"model": "a1@v9"}}, {404}),
-        ("prompt over the context", post | {"json": base | {"messages": [{"role": "user", "content": "red " * 400}]}}, {400}),
-        ("empty completion prompt", {"method": "POST", "url": f"{url}/v1/completions", "headers": AUTH,
-                                     "json": {"model": "base", "prompt": ""}}, {400}),
-        *[(f"load {ref!r}", {"method": "POST", "url": f"{url}/admin/adapters", "headers": AUTH, "json": {"adapter": ref}}, {400, 404})
-          for ref in ("../a1", "a1/../../etc", "/etc/passwd", "..", "a1\n", "nope")],
-        ("serve under a traversal name", {"method": "POST", "url": f"{url}/admin/adapters", "headers": AUTH,
-                                          "json": {"adapter": "a4", "name": "../x"}}, {400, 409, 422}),
-        ("unload a traversal name", {"method": "DELETE", "url": f"{url}/admin/adapters/..%2F..%2Fetc", "headers": AUTH}, {404}),
-        ("pickled .bin adapter", {"method": "POST", "url": f"{url}/admin/adapters", "headers": AUTH,
-                                  "json": {"adapter": "pickled"}}, {409}),
-        ("adapter of another base", {"method": "POST", "url": f"{url}/admin/adapters", "headers": AUTH,
-                                     "json": {"adapter": "other-base"}}, {409}),
+        (
+            "prompt over the context",
+            post | {"json": base | {"messages": [{"role": "user", "content": "red " * 400}]}},
+            {400},
+        ),
+        (
+            "empty completion prompt",
+            {
+                "method": "POST",
+                "url": f"{url}/v1/completions",
+                "headers": AUTH,
+                "json": {"model": "base", "prompt": ""},
+            },
+            {400},
+        ),
+        *[
+            (
+                f"load {ref!r}",
+                {"method": "POST", "url": f"{url}/admin/adapters", "headers": AUTH, "json": {"adapter": ref}},
+                {400, 404},
+            )
+            for ref in ("../a1", "a1/../../etc", "/etc/passwd", "..", "a1\n", "nope")
+        ],
+        (
+            "serve under a traversal name",
+            {
+                "method": "POST",
+                "url": f"{url}/admin/adapters",
+                "headers": AUTH,
+                "json": {"adapter": "a4", "name": "../x"},
+            },
+            {400, 409, 422},
+        ),
+        (
+            "unload a traversal name",
+            {"method": "DELETE", "url": f"{url}/admin/adapters/..%2F..%2Fetc", "headers": AUTH},
+            {404},
+        ),
+        (
+            "pickled .bin adapter",
+            {"method": "POST", "url": f"{url}/admin/adapters", "headers": AUTH, "json": {"adapter": "pickled"}},
+            {409},
+        ),
+        (
+            "adapter of another base",
+            {"method": "POST", "url": f"{url}/admin/adapters", "headers": AUTH, "json": {"adapter": "other-base"}},
+            {409},
+        ),
     ]
 
 
@@ -171,7 +221,9 @@ def refusals_logged() -> str:
 
     # Serve's replica log files, or the replica's stderr once vLLM has set up its own logging
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    return "".join(p.read_text(errors="replace") for p in [*logs.glob("worker-*.err"), *logs.glob("serve/replica_reliable_*")])
+    return "".join(
+        p.read_text(errors="replace") for p in [*logs.glob("worker-*.err"), *logs.glob("serve/replica_reliable_*")]
+    )
 
 
 def test_hostile_requests_are_refused_with_4xx_json_and_logged(served):
@@ -184,7 +236,9 @@ def test_hostile_requests_are_refused_with_4xx_json_and_logged(served):
     served_models = httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]
     assert sorted(m["id"] for m in served_models) == ["a1", "a2", "a3", "base"]
     deadline = time.monotonic() + 30  # Serve flushes replica logs to files asynchronously
-    while (logged := refusals_logged()).count("finch: refused") < len(hostile_requests(url)) and time.monotonic() < deadline:
+    while (logged := refusals_logged()).count("finch: refused") < len(
+        hostile_requests(url)
+    ) and time.monotonic() < deadline:
         time.sleep(1)
     for status in (413, 422, 404, 409, 400):
         assert f": {status} " in logged, f"no logged refusal with status {status}"
@@ -199,7 +253,9 @@ def test_no_generated_request_gets_a_5xx(served):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        @settings(
+            max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         def no_server_error(case):
             case.call_and_validate(base_url=url, headers=AUTH, checks=[schemathesis.checks.not_a_server_error])
 
@@ -223,8 +279,11 @@ def test_adapter_churn_under_concurrent_traffic_fails_no_request(served):
 
     def churn():
         while not stop.is_set():
-            for request in ({"method": "POST", "json": {"adapter": "a4"}}, {"method": "DELETE", "url_tail": "/a4"},
-                            {"method": "POST", "json": {"adapter": "a1"}}):
+            for request in (
+                {"method": "POST", "json": {"adapter": "a4"}},
+                {"method": "DELETE", "url_tail": "/a4"},
+                {"method": "POST", "json": {"adapter": "a1"}},
+            ):
                 tail = request.pop("url_tail", "")
                 response = httpx.request(url=f"{url}/admin/adapters{tail}", headers=AUTH, timeout=120, **request)
                 churn_statuses.append(response.status_code)
@@ -241,7 +300,10 @@ def test_adapter_churn_under_concurrent_traffic_fails_no_request(served):
     churner.join(timeout=120)
     statuses = [status for status, _ in results]
     latencies = [seconds for _, seconds in results]
-    print(f"churn: {len(churn_statuses)} admin calls; p50 {percentile(latencies, 0.5):.2f} s, p99 {percentile(latencies, 0.99):.2f} s")
+    print(
+        f"churn: {len(churn_statuses)} admin calls; "
+        f"p50 {percentile(latencies, 0.5):.2f} s, p99 {percentile(latencies, 0.99):.2f} s"
+    )
     assert statuses == [200] * len(models), statuses
     assert len(churn_statuses) >= 3 and set(churn_statuses) == {200}, churn_statuses
 
@@ -251,7 +313,9 @@ def replica_pids() -> dict[str, int]:
     from ray.util.state import list_actors
 
     address = ray.get_runtime_context().gcs_address
-    actors = list_actors(address=address, filters=[("class_name", "=", "ServeReplica:reliable:finch"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=address, filters=[("class_name", "=", "ServeReplica:reliable:finch"), ("state", "=", "ALIVE")]
+    )
     return {actor["actor_id"]: actor["pid"] for actor in actors}
 
 
@@ -299,7 +363,9 @@ def test_a_killed_replica_is_replaced_and_serves_the_current_adapters(served):
     assert recovered, f"the killed replica's replacement was not serving {REPLACEMENT_WAIT_S} s after the kill"
     print(f"replica kill: both replicas serving again {replaced_in:.0f} s after the kill")
     failed_during_kill = [s for s in statuses[killed_at:recovered_from] if s != 200]
-    print(f"replica kill: {len(failed_during_kill)} of {recovered_from - killed_at} requests failed while it was replaced")
+    print(
+        f"replica kill: {len(failed_during_kill)} of {recovered_from - killed_at} requests failed while it was replaced"
+    )
     assert len(failed_during_kill) <= 4, failed_during_kill  # at most the requests in flight on the killed replica
     assert statuses[:killed_at] and set(statuses[:killed_at]) == {200}
     assert statuses[recovered_from:] and set(statuses[recovered_from:]) == {200}, statuses[recovered_from:]
@@ -317,7 +383,11 @@ def test_only_loopback_http_and_ray_ports_need_the_cluster_token(served):
 
     url, config, _ = served
     tree = [psutil.Process()] + psutil.Process().children(recursive=True)
-    listening = {c.laddr.port: c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in {p.pid for p in tree}}
+    listening = {
+        c.laddr.port: c.laddr.ip
+        for c in psutil.net_connections("inet")
+        if c.status == "LISTEN" and c.pid in {p.pid for p in tree}
+    }
     http_ports = {config.server.port, int(ray._private.worker.get_dashboard_url().rpartition(":")[2])}
     # Serve's proxy runs in a Ray actor, which this process started (a child of it)
     assert {listening.get(port) for port in http_ports} == {"127.0.0.1"}, listening
@@ -326,6 +396,9 @@ def test_only_loopback_http_and_ray_ports_need_the_cluster_token(served):
     intruder = subprocess.run(
         [sys.executable, "-c", f"import ray; ray.init(address={gcs!r}, logging_level='ERROR'); print('joined')"],
         env=os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token", "RAY_ADDRESS": ""},
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert "joined" not in intruder.stdout and intruder.returncode != 0, intruder.stdout + intruder.stderr[-2000:]

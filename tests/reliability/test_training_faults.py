@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from finch.registry.store import list_adapters, publish
-from tests.conftest import REPO, run_config_dict, shared_file
+from tests.conftest import REPO, data_file, run_config_dict
 
 pytestmark = pytest.mark.integration
 STEPS = 12
@@ -25,7 +25,10 @@ FINCH = [sys.executable, "-m", "finch.cli"]
 
 def run_config(tmp_path: Path, model_dir: Path) -> Path:
     config = run_config_dict(
-        tmp_path, model_dir, [str(shared_file("sft/gsm8k_chat_train.jsonl"))], name="killed",
+        tmp_path,
+        model_dir,
+        [str(data_file("sft/gsm8k_chat_train.jsonl"))],
+        name="killed",
         train={"max_steps": STEPS, "save_steps": 4, "batch_size": 2},
     )
     path = tmp_path / "run.yaml"
@@ -79,8 +82,14 @@ def trained_steps(run_dir: Path) -> list[int]:
 def test_killed_driver_and_cluster_mid_checkpoint_resume_to_the_exact_step(tiny_model_dir, tmp_path):
     config_path = run_config(tmp_path, tiny_model_dir)
     run_dir = tmp_path / "runs" / "killed"
-    first = subprocess.Popen([*FINCH, "train", str(config_path)], cwd=REPO, env=clean_env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [*FINCH, "train", str(config_path)],
+        cwd=REPO,
+        env=clean_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     kill_group_when(first, run_dir / "checkpoint-8")
     # Ray's workers leave on their own once their raylet is gone: none trains on into the run folder
     deadline = time.monotonic() + 60
@@ -94,11 +103,19 @@ def test_killed_driver_and_cluster_mid_checkpoint_resume_to_the_exact_step(tiny_
             optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
     assert not (tmp_path / "registry" / "killed").exists()
 
-    again = subprocess.run([*FINCH, "train", str(config_path)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [*FINCH, "train", str(config_path)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600
+    )
     assert again.returncode != 0 and "--resume" in again.stdout + again.stderr  # a plain re-run never trains over it
 
-    resumed = subprocess.run([*FINCH, "train", "--resume", str(run_dir)], cwd=REPO, env=clean_env(), capture_output=True,
-                             text=True, timeout=900)
+    resumed = subprocess.run(
+        [*FINCH, "train", "--resume", str(run_dir)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert trained_steps(run_dir) == list(range(1, STEPS + 1))  # each step once: none lost, none repeated
     [entry] = list_adapters(tmp_path / "registry")

@@ -29,7 +29,10 @@ BAD_ROWS = [
         '{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]}',
         "field messages[1].content is empty",
     ),
-    ('{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "\\n"}]}', "field conversations[1].value is empty"),
+    (
+        '{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "\\n"}]}',
+        "field conversations[1].value is empty",
+    ),
     ('{"prompt": "Q", "completion": ""}', "field completion is empty"),
     (
         '{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": " "}]}',
@@ -40,7 +43,10 @@ BAD_ROWS = [
 ]
 BAD_PAIRS = [
     ('{"prompt": "Q", "chosen": "", "rejected": "B"}', "field chosen is empty"),
-    ('{"prompt": "Q", "chosen": "A", "rejected": [{"role": "assistant", "content": " "}]}', "field rejected[0].content is empty"),
+    (
+        '{"prompt": "Q", "chosen": "A", "rejected": [{"role": "assistant", "content": " "}]}',
+        "field rejected[0].content is empty",
+    ),
     (
         '{"conversations": [{"from": "human", "value": "Q"}], "chosen": {"from": "gpt", "value": ""}, '
         '"rejected": {"from": "gpt", "value": "B"}}',
@@ -57,7 +63,9 @@ def tokenizer_dir(tmp_path_factory):
     return str(path)
 
 
-def tokenize_lines(tmp_path, lines: list[str], tokenizer_dir: str, objective: str = "sft", **data) -> tuple[str, pd.DataFrame]:
+def tokenize_lines(
+    tmp_path, lines: list[str], tokenizer_dir: str, objective: str = "sft", **data
+) -> tuple[str, pd.DataFrame]:
     """Write the lines as a JSONL file and run them through the pipeline's row steps."""
     path = tmp_path / "train.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
@@ -100,7 +108,11 @@ def full_length(line: str, objective: str) -> int:
     """Tokens of the row's example before any truncation."""
     record = json.loads(line)
     if objective == "dpo":
-        sample = {"messages": [{"role": "user", "content": "Q"}], "chosen": record["chosen"], "rejected": record["rejected"]}
+        sample = {
+            "messages": [{"role": "user", "content": "Q"}],
+            "chosen": record["chosen"],
+            "rejected": record["rejected"],
+        }
         return tokenize_preference(sample, "chat", make_tokenizer(), 10**6).full_length
     sample = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": record["output"]}]}
     return len(tokenize_sample(sample, "chat", make_tokenizer(), 10**6).input_ids)
@@ -132,7 +144,9 @@ def test_overlong_and_bad_rows_are_told_apart(tmp_path, tokenizer_dir):
 
 
 def test_pretrain_documents_are_split_not_overlong(tmp_path, tokenizer_dir):
-    _, frame = tokenize_lines(tmp_path, [json.dumps({"text": "word " * 200})], tokenizer_dir, "pretrain", max_length=32, overlong="error")
+    _, frame = tokenize_lines(
+        tmp_path, [json.dumps({"text": "word " * 200})], tokenizer_dir, "pretrain", max_length=32, overlong="error"
+    )
     assert len(frame) > 1 and set(frame["skipped"]) == {""}
 
 
@@ -148,4 +162,7 @@ def test_reader_marks_unparseable_rows_only_when_asked(tmp_path):
     assert str(rows[2][1]) == f"{path}:3: expected a JSON object, got list"
     array = tmp_path / "d.json"
     array.write_text(json.dumps([{"text": "a"}, 7]))
-    assert str(list(iter_records(str(array), mark_bad_rows=True))[1][1]) == f"{array}:row 1: expected a JSON object, got int"
+    assert (
+        str(list(iter_records(str(array), mark_bad_rows=True))[1][1])
+        == f"{array}:row 1: expected a JSON object, got int"
+    )

@@ -54,7 +54,7 @@ def test_cluster_is_gpu_autoscaling_token_authenticated_and_closed(cluster):
     assert starts.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in starts
     assert [rule["FromPort"] for rule in cluster["provider"]["security_group"]["IpPermissions"]] == [22]
     setup = " ".join(cluster["setup_commands"])
-    assert '.[gpu]' in setup and "/shared" in setup and "~/.ray/auth_token" in cluster["file_mounts"]
+    assert ".[gpu]" in setup and "/shared" in setup and "~/.ray/auth_token" in cluster["file_mounts"]
 
 
 def test_gpu_job_and_serve_configs_keep_their_results_on_shared_storage():
@@ -110,10 +110,10 @@ def test_host_checks_run_on_every_node_before_anything_is_mounted_or_installed(c
 @pytest.mark.parametrize(
     ("nvidia_smi", "ok"),
     [
-        ('echo 535.104.05\n', False),  # the R535 driver: CUDA 12.2 at most
-        ('echo 575.57.08\n', False),  # CUDA 12.9 driver: too old for CUDA 13.0 builds
-        ('echo 580.65.06\n', True),  # CUDA 13.0 GA driver
-        ('echo 595.71.05\necho 595.71.05\n', True),  # two GPUs, one line each
+        ("echo 535.104.05\n", False),  # the R535 driver: CUDA 12.2 at most
+        ("echo 575.57.08\n", False),  # CUDA 12.9 driver: too old for CUDA 13.0 builds
+        ("echo 580.65.06\n", True),  # CUDA 13.0 GA driver
+        ("echo 595.71.05\necho 595.71.05\n", True),  # two GPUs, one line each
         ('echo "not a version"\n', False),
     ],
 )

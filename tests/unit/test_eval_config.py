@@ -18,7 +18,9 @@ from tests.conftest import write_jsonl
 
 def eval_config(tmp_path, **fields) -> EvalConfig:
     data = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "2+2?", "completion": "4"}])
-    return validate_config({"name": "t", "data": {"files": [str(data)]}, "metrics": ["exact_match"], **fields}, schema=EvalConfig)
+    return validate_config(
+        {"name": "t", "data": {"files": [str(data)]}, "metrics": ["exact_match"], **fields}, schema=EvalConfig
+    )
 
 
 def test_metric_settings_and_names_are_checked_when_the_config_loads(tmp_path):
@@ -45,17 +47,30 @@ def test_a_sweep_ranked_by_a_task_metric_needs_a_mode():
 
 def test_rows_become_prompts_and_references_in_every_format(tmp_path):
     rows = [
-        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                      {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "Q2"},
+                {"role": "assistant", "content": "A2"},
+            ]
+        },
         {"instruction": "Translate", "input": "hi", "output": "salut"},
         {"prompt": "P", "chosen": "good", "rejected": "bad"},
         {"messages": [{"role": "user", "content": "judge me"}]},
     ]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    config = validate_config({"name": "t", "data": {"files": [str(data)], "system_prompt": "Be brief."}, "metrics": ["json_valid"]},
-                             schema=EvalConfig)
+    config = validate_config(
+        {"name": "t", "data": {"files": [str(data)], "system_prompt": "Be brief."}, "metrics": ["json_valid"]},
+        schema=EvalConfig,
+    )
     first, alpaca, preference, prompt_only = read_examples(config.data)
-    assert first.reference == "A2" and [m["content"] for m in first.messages] == ["S", "Q1", "A1", "Q2"] and first.prompt == "Q2"
+    assert (
+        first.reference == "A2"
+        and [m["content"] for m in first.messages] == ["S", "Q1", "A1", "Q2"]
+        and first.prompt == "Q2"
+    )
     assert alpaca.reference == "salut" and alpaca.messages[0] == {"role": "system", "content": "Be brief."}
     assert preference.reference == "good" and preference.messages[-1]["content"] == "P"
     assert prompt_only.reference is None and prompt_only.source.endswith("rows.jsonl:4")
@@ -65,7 +80,9 @@ def test_rows_become_prompts_and_references_in_every_format(tmp_path):
 
 def test_raw_text_and_broken_rows_are_refused_with_file_and_line(tmp_path):
     data = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "p", "completion": "c"}, {"text": "just text"}])
-    config = validate_config({"name": "t", "data": {"files": [str(data)]}, "metrics": ["json_valid"]}, schema=EvalConfig)
+    config = validate_config(
+        {"name": "t", "data": {"files": [str(data)]}, "metrics": ["json_valid"]}, schema=EvalConfig
+    )
     with pytest.raises(DatasetError, match=r"text.jsonl:2: a raw text row has no prompt"):
         read_examples(config.data)
     broken = tmp_path / "broken.jsonl"
@@ -86,20 +103,33 @@ def adapter(tmp_path, name: str, **config) -> object:
 def test_engine_slots_and_rank_grow_to_fit_every_adapter_in_one_batch(tmp_path):
     targets = [Target("base", "chat", None)] + [
         Target(e.ref, "chat", None, str(e.path), e)
-        for e in (adapter(tmp_path, "a", r=8), adapter(tmp_path, "b", r=16, rank_pattern={"q_proj": 96}), adapter(tmp_path, "c"))
+        for e in (
+            adapter(tmp_path, "a", r=8),
+            adapter(tmp_path, "b", r=16, rank_pattern={"q_proj": 96}),
+            adapter(tmp_path, "c"),
+        )
     ]
     group = EngineGroup(ModelSource("m", "m"), None, tuple(targets))
     cpu = group.engine_settings(EngineConfig(max_loras=2, max_lora_rank=8, max_cpu_loras=2), on_gpu=False)
-    assert (cpu.max_loras, cpu.max_cpu_loras, cpu.max_lora_rank) == (4, 4, 128)  # 3 adapters + the zero adapter; 96 -> vLLM's 128
+    assert (cpu.max_loras, cpu.max_cpu_loras, cpu.max_lora_rank) == (
+        4,
+        4,
+        128,
+    )  # 3 adapters + the zero adapter; 96 -> vLLM's 128
     gpu = group.engine_settings(EngineConfig(max_loras=8, max_lora_rank=256), on_gpu=True)
     assert (gpu.max_loras, gpu.max_lora_rank) == (8, 128)  # no bigger than needed: LoRA products are sized by it
     only_base = EngineGroup(ModelSource("m", "m"), None, (targets[0],)).engine_settings(EngineConfig(), on_gpu=False)
-    assert (only_base.max_loras, only_base.max_lora_rank) == (4, 8)  # the zero adapter (rank 1) fits vLLM's smallest rank
+    assert (only_base.max_loras, only_base.max_lora_rank) == (
+        4,
+        8,
+    )  # the zero adapter (rank 1) fits vLLM's smallest rank
 
 
 def test_adapters_named_by_full_module_paths_are_servable(tmp_path):
     """PEFT writes full paths (model.layers.0.mlp.up_proj) as target_modules when an adapter has few modules."""
-    full_paths = adapter(tmp_path, "full", target_modules=["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"])
+    full_paths = adapter(
+        tmp_path, "full", target_modules=["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+    )
     check_servable(full_paths, "sha256:base", max_lora_rank=64)
     other = adapter(tmp_path, "other", target_modules=["model.layers.0.mlp.fc1"])
     with pytest.raises(AdapterRefused, match="does not serve with LoRA: fc1"):

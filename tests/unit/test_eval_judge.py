@@ -30,11 +30,16 @@ class FakeJudge(BaseHTTPRequestHandler):
         # Early items answer last, so replies come back out of order when requests run concurrently.
         time.sleep(0.3 / len(answer))
         reply = "I cannot say." if answer == "unsure" else f"Score: {len(answer)}. It is fine."
-        payload = json.dumps({
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }).encode()
+        payload = json.dumps(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -76,9 +81,12 @@ def test_rubric_is_filled_in_literally(judge_url):
     tricky = item("uses {reference} and {x}", reference="R {answer}", prompt="P {answer}")
     judge_scores(judge, [item("42", reference=None, prompt="What is 6*7?"), tricky])
     sent = sorted((r["body"]["messages"] for r in FakeJudge.requests), key=lambda messages: len(messages[0]["content"]))
-    assert sent[0] == [{"role": "user", "content": (
-        'Reply like {"score": N}.\nQuestion: What is 6*7?\nAnswer: <<42>>\nReference: (none)'
-    )}]
+    assert sent[0] == [
+        {
+            "role": "user",
+            "content": ('Reply like {"score": N}.\nQuestion: What is 6*7?\nAnswer: <<42>>\nReference: (none)'),
+        }
+    ]
     # Text filled in is not scanned again for placeholders.
     assert sent[1][0]["content"] == (
         'Reply like {"score": N}.\nQuestion: P {answer}\nAnswer: <<uses {reference} and {x}>>\nReference: R {answer}'

@@ -6,7 +6,7 @@ import pytest
 from finch.config import ConfigError, MetricConfig
 from finch.eval.metrics import TEXT_METRICS, MetricError, extract_number, normalize_answer, summarize, text_scorer
 
-GSM8K_SAMPLE = Path(__file__).parents[1] / "data" / "gsm8k" / "gsm8k_chat_sample.jsonl"
+GSM8K = Path(__file__).parents[1] / "data" / "sft" / "gsm8k_chat_train.jsonl"
 
 
 def score(spec: dict | str, answer: str, reference: str | None = None, example: dict | None = None) -> float | None:
@@ -60,13 +60,13 @@ def test_extract_number(text, expected):
 
 
 def gsm8k_answers() -> list[str]:
-    rows = [json.loads(line) for line in GSM8K_SAMPLE.read_text().splitlines()]
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:5]]
     return [row["messages"][-1]["content"] for row in rows]
 
 
 def test_gsm8k_final_answer_on_real_rows():
     answers = gsm8k_answers()
-    # The numbers after '####' in the 5 sample rows, read by hand; earlier numbers (48/2=24, $<<0.2*50=10>>...)
+    # The numbers after '####' in the first 5 rows, read by hand; earlier numbers (48/2=24, $<<0.2*50=10>>...)
     # and the '!!!' this copy appends must not change the result.
     assert [extract_number(answer) for answer in answers] == [72.0, 10.0, 5.0, 42.0, 624.0]
     numeric_match = text_scorer(MetricConfig(name="numeric_match"))
@@ -126,7 +126,7 @@ def test_reference_metrics_do_not_apply_to_prompt_only_rows(name):
     "answer, expected",
     [
         ('{"name": "Ada", "age": 36}', 1.0),
-        ('  [1, 2, 3]\n', 1.0),
+        ("  [1, 2, 3]\n", 1.0),
         ('```json\n{"name": "Ada"}\n```', 1.0),
         ('```\n{"name": "Ada"}\n```', 1.0),
         ('Sure! Here it is: {"name": "Ada"}', 0.0),

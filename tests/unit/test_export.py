@@ -24,8 +24,11 @@ def register(tmp_path: Path, model_dir: Path, name: str, b_std: float = 0.5, **s
     config = validate_config(run_config_dict(tmp_path, model_dir, ["unused.jsonl"], name=name, **sections))
     adapter = make_adapter(model_dir, tmp_path / f"{name}-files", seed=3, b_std=b_std)
     files = {f: adapter / f for f in ("adapter_config.json", "adapter_model.safetensors")}
-    manifest = {"config": dump_config(config), "template": "chat",
-                "base_model": {"id": str(model_dir), "fingerprint": fingerprint_model_folder(model_dir)}}
+    manifest = {
+        "config": dump_config(config),
+        "template": "chat",
+        "base_model": {"id": str(model_dir), "fingerprint": fingerprint_model_folder(model_dir)},
+    }
     publish(tmp_path / "registry", name, files, manifest)
     return adapter
 
@@ -43,7 +46,13 @@ def test_merged_export_is_a_plain_16_bit_model_with_the_adapter_in_it(tmp_path, 
     out = export_merged(tmp_path / "registry", "facts", tmp_path / "export")
 
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "finch_export.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "finch_export.json",
+    } <= files
     assert not any(f.startswith("adapter_") or f.endswith(".bin") for f in files)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # fp32 training -> bf16 export
     assert json.loads((out / "finch_export.json").read_text())["source"] == "facts@v1"
@@ -70,7 +79,9 @@ def test_qlora_adapter_merges_into_the_dequantized_4_bit_base(tmp_path, tiny_mod
 
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float16
-    config = validate_config(run_config_dict(tmp_path, tiny_model_dir, ["unused.jsonl"], qlora={"compute_dtype": "float32"}))
+    config = validate_config(
+        run_config_dict(tmp_path, tiny_model_dir, ["unused.jsonl"], qlora={"compute_dtype": "float32"})
+    )
     four_bit = load_base_model(config.model, str(tiny_model_dir), quantization=config.qlora)
     trained = logits(PeftModel.from_pretrained(four_bit, adapter))  # what QLoRA training computed
     on_original = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter))
@@ -84,13 +95,27 @@ def test_existing_output_needs_overwrite_and_bad_refs_fail_clearly(tmp_path, tin
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "keep.txt").write_text("mine")
     runner = CliRunner()
-    refused = runner.invoke(app, ["export", "facts", "--output", str(tmp_path / "export"), "--registry", str(tmp_path / "registry")])
+    refused = runner.invoke(
+        app, ["export", "facts", "--output", str(tmp_path / "export"), "--registry", str(tmp_path / "registry")]
+    )
     assert refused.exit_code == 2 and "pass --overwrite" in refused.output
     assert (tmp_path / "export" / "keep.txt").read_text() == "mine"
-    unknown = runner.invoke(app, ["export", "nope", "--output", str(tmp_path / "x"), "--registry", str(tmp_path / "registry")])
+    unknown = runner.invoke(
+        app, ["export", "nope", "--output", str(tmp_path / "x"), "--registry", str(tmp_path / "registry")]
+    )
     assert unknown.exit_code == 2 and "nope" in unknown.output and not (tmp_path / "x").exists()
-    replaced = runner.invoke(app, ["export", "facts", "--output", str(tmp_path / "export"), "--overwrite",
-                                   "--registry", str(tmp_path / "registry")])
+    replaced = runner.invoke(
+        app,
+        [
+            "export",
+            "facts",
+            "--output",
+            str(tmp_path / "export"),
+            "--overwrite",
+            "--registry",
+            str(tmp_path / "registry"),
+        ],
+    )
     assert replaced.exit_code == 0, replaced.output
     assert not (tmp_path / "export" / "keep.txt").exists() and (tmp_path / "export" / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]  # no staging folder left

@@ -8,16 +8,21 @@ import torch
 
 from finch.config import validate_config
 from finch.models.loading import load_trainable_model
-from finch.train.trainers import fsdp_arguments
+from finch.train.arguments import fsdp_arguments
 from tests.conftest import run_config_dict
 
 
 def fsdp_config(tmp_path, model_dir):
-    return validate_config(run_config_dict(
-        tmp_path, model_dir, ["unused.jsonl"], train={"method": "full", "mixed_precision": "bf16"},
-        qlora={"compute_dtype": "float32"},  # every type explicit: nothing to resolve on this GPU-less machine
-        scale={"num_workers": 2, "use_gpu": True, "strategy": "fsdp"},
-    ))
+    return validate_config(
+        run_config_dict(
+            tmp_path,
+            model_dir,
+            ["unused.jsonl"],
+            train={"method": "full", "mixed_precision": "bf16"},
+            qlora={"compute_dtype": "float32"},  # every type explicit: nothing to resolve on this GPU-less machine
+            scale={"num_workers": 2, "use_gpu": True, "strategy": "fsdp"},
+        )
+    )
 
 
 def test_ranks_after_the_first_build_the_model_without_reading_weights(tmp_path, tiny_model_dir):
@@ -45,8 +50,14 @@ def test_a_rank_without_weights_takes_almost_no_memory(tmp_path, tiny_model_dir)
     from transformers import LlamaConfig
 
     folder = tmp_path / "bigger"  # 200 MiB of fp32 weights, if they were read or written
-    LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
-                num_attention_heads=8, num_key_value_heads=8).save_pretrained(folder)
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    ).save_pretrained(folder)
     process = psutil.Process()
     before = process.memory_info().rss
     model = load_trainable_model(fsdp_config(tmp_path, tiny_model_dir), str(folder), rank=1)

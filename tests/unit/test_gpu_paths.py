@@ -33,10 +33,14 @@ def test_training_workers_ask_ray_for_the_configured_gpu_type(tmp_path, tiny_mod
 
 def test_flash_attention_is_refused_on_cpu(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="flash_attention_2 runs on GPUs only"):
-        run_config(tmp_path, tiny_model_dir, model={"path": str(tiny_model_dir), "attn_implementation": "flash_attention_2"})
+        run_config(
+            tmp_path, tiny_model_dir, model={"path": str(tiny_model_dir), "attn_implementation": "flash_attention_2"}
+        )
 
 
-@pytest.mark.parametrize("attention, flattened", [("sdpa", False), ("flash_attention_2", True), ("flash_attention_3", True)])
+@pytest.mark.parametrize(
+    "attention, flattened", [("sdpa", False), ("flash_attention_2", True), ("flash_attention_3", True)]
+)
 def test_packed_batches_are_flattened_for_flash_attention_only(tmp_path, tiny_model_dir, attention, flattened):
     config = run_config(tmp_path, tiny_model_dir, train={"save_steps": 1000})
     model = load_trainable_model(config, str(tiny_model_dir))
@@ -69,10 +73,16 @@ def test_a_multi_gpu_replica_splits_the_model_over_gpus_of_one_node():
     assert "tensor_parallel_size" not in engine_arguments(one_gpu.engine, "/m", "bfloat16", gpus=1)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"server": {"gpus_per_replica": 2.5}}, "tensor-parallel size, a whole number"),
-    ({"engine": {"max_loras": 8, "max_cpu_loras": 4}}, r"max_cpu_loras \(4\) must be at least engine.max_loras \(8\)"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"server": {"gpus_per_replica": 2.5}}, "tensor-parallel size, a whole number"),
+        (
+            {"engine": {"max_loras": 8, "max_cpu_loras": 4}},
+            r"max_cpu_loras \(4\) must be at least engine.max_loras \(8\)",
+        ),
+    ],
+)
 def test_engine_settings_vllm_would_refuse_are_refused_by_name(settings, message):
     with pytest.raises(ConfigError, match=message):
         serve_config(**settings)

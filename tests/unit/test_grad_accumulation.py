@@ -36,7 +36,14 @@ def adapter_after_one_step(tmp_path, model_dir, rows, batch_size: int, grad_accu
             model_dir,
             ["unused.jsonl"],
             lora={"dropout": 0.0},
-            train={"max_steps": 1, "batch_size": batch_size, "grad_accum": grad_accum, "lr": 1.0, "scheduler": "constant", "max_grad_norm": 1e9},
+            train={
+                "max_steps": 1,
+                "batch_size": batch_size,
+                "grad_accum": grad_accum,
+                "lr": 1.0,
+                "scheduler": "constant",
+                "max_grad_norm": 1e9,
+            },
         )
     )
     torch.manual_seed(0)

@@ -69,10 +69,13 @@ def assert_same_loss_and_grads(model, batch, chunk: int | None = None, num_items
 def trainable(tmp_path, model_dir, method: str, **sections):
     config = validate_config(
         run_config_dict(
-            tmp_path, model_dir, ["unused.jsonl"],
+            tmp_path,
+            model_dir,
+            ["unused.jsonl"],
             model={"path": str(model_dir), "dtype": "float32"},
             lora={"dropout": 0.0, "target_modules": "all-linear"},
-            train={"method": method}, **sections,
+            train={"method": method},
+            **sections,
         )
     )
     torch.manual_seed(0)
@@ -109,9 +112,17 @@ def test_soft_capped_tied_head_equals_transformers(tmp_path):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(
-        vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, final_logit_softcapping=5.0, tie_word_embeddings=True,
-        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=5.0,
+        tie_word_embeddings=True,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
     )
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(config).float().train()

@@ -18,13 +18,29 @@ from finch.serve.app import check_serving_memory
 from finch.train.run import OutOfMemoryError, check_memory
 
 ROOT = Path(__file__).resolve().parents[2]
-LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
-QWEN2_7B = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
+QWEN2_7B = Qwen2Config(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+)
 # What torch reports as each GPU's memory
-A10G, L40S, A100_40GB = (Device("cuda", name, True, "compute capability 8.x", memory_gib=gib)
-                         for name, gib in (("A10G", 22.5), ("L40S", 44.4), ("A100-SXM4-40GB", 39.4)))
+A10G, L40S, A100_40GB = (
+    Device("cuda", name, True, "compute capability 8.x", memory_gib=gib)
+    for name, gib in (("A10G", 22.5), ("L40S", 44.4), ("A100-SXM4-40GB", 39.4))
+)
 T4 = Device("cuda", "T4", False, "compute capability 7.5", memory_gib=14.6)
 # Each shipped config, the architecture of the model it names, and the GPU its comments size it for.
 GPU_CONFIGS = {
@@ -84,7 +100,9 @@ def test_the_estimate_moves_with_what_decides_memory(tmp_path):
 def test_fsdp_shards_weights_and_training_state_but_not_activations(tmp_path):
     config, folder, _ = gpu_config("llama3_8b_full_fsdp.yaml", tmp_path)
     sharded = training_memory(config, folder).parts
-    whole = training_memory(config.model_copy(update={"scale": config.scale.model_copy(update={"num_workers": 1})}), folder).parts
+    whole = training_memory(
+        config.model_copy(update={"scale": config.scale.model_copy(update={"num_workers": 1})}), folder
+    ).parts
     assert sharded["weights"] == pytest.approx(whole["weights"] / 8)
     assert sharded["training state"] == pytest.approx(whole["training state"] / 8)
     assert sharded["activations"] == whole["activations"]

@@ -7,7 +7,8 @@ import torch
 
 from finch.config import ConfigError, validate_config
 from finch.models.loading import load_trainable_model
-from finch.train.trainers import build_trainer, layer_depth, training_arguments
+from finch.train.mixins import layer_depth
+from finch.train.trainers import build_trainer, training_arguments
 from tests.conftest import make_tokenizer, run_config_dict
 from tests.unit.test_grad_accumulation import packed_rows
 
@@ -80,9 +81,19 @@ def test_hyperparameters_map_to_hf_training_arguments(tmp_path, tiny_model_dir):
             tiny_model_dir,
             ["x.jsonl"],
             train={
-                "lr": 3e-4, "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 0.5,
-                "batch_size": 3, "grad_accum": 4, "epochs": 2, "max_steps": None, "neftune_alpha": 5.0,
-                "mixed_precision": "bf16", "gradient_checkpointing": True, "seed": 7,
+                "lr": 3e-4,
+                "scheduler": "cosine",
+                "warmup_ratio": 0.1,
+                "weight_decay": 0.01,
+                "max_grad_norm": 0.5,
+                "batch_size": 3,
+                "grad_accum": 4,
+                "epochs": 2,
+                "max_steps": None,
+                "neftune_alpha": 5.0,
+                "mixed_precision": "bf16",
+                "gradient_checkpointing": True,
+                "seed": 7,
             },
         )
     )
@@ -91,7 +102,11 @@ def test_hyperparameters_map_to_hf_training_arguments(tmp_path, tiny_model_dir):
     assert (args.weight_decay, args.max_grad_norm, args.seed) == (0.01, 0.5, 7)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (3, 4, 2)
     assert args.neftune_noise_alpha == 5.0 and args.bf16 and not args.fp16 and args.gradient_checkpointing
-    dpo = validate_config(run_config_dict(tmp_path, tiny_model_dir, ["x.jsonl"], train={"objective": "dpo"}, dpo={"beta": 0.3, "loss_type": "ipo"}))
+    dpo = validate_config(
+        run_config_dict(
+            tmp_path, tiny_model_dir, ["x.jsonl"], train={"objective": "dpo"}, dpo={"beta": 0.3, "loss_type": "ipo"}
+        )
+    )
     dpo_args = training_arguments(dpo, str(tmp_path / "hf"))
     assert (dpo_args.beta, dpo_args.loss_type, dpo_args.learning_rate) == (0.3, ["ipo"], 3e-3)
 

@@ -18,7 +18,9 @@ def test_paths_that_are_neither_folders_nor_hub_ids_fail_clearly(path):
 def test_hub_ids_go_to_the_hub_and_a_miss_says_so(monkeypatch):
     """The hub code path is kept for real users; offline and uncached it fails as a config error."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="'finch-test/not-cached' is no local folder and could not be fetched from the hub"):
+    with pytest.raises(
+        ConfigError, match="'finch-test/not-cached' is no local folder and could not be fetched from the hub"
+    ):
         resolve_model_path("finch-test/not-cached")
 
 
@@ -45,7 +47,9 @@ def test_a_hub_model_is_pinned_to_the_driver_commit_and_each_node_finds_it_in_it
     assert source.revision == commit and source.folder.startswith(str(driver_cache))
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(node_cache))  # another node: its own cache
-    with pytest.raises(ConfigError, match=f"'finch-test/tiny' at commit {commit} is not in the Hugging Face cache of node"):
+    with pytest.raises(
+        ConfigError, match=f"'finch-test/tiny' at commit {commit} is not in the Hugging Face cache of node"
+    ):
         source.here()  # offline and not in that cache: the error names the commit
     place_in_hub_cache(tiny_model_dir, node_cache, "finch-test/tiny", commit=commit)
     place_in_hub_cache(tiny_model_dir, node_cache, "finch-test/tiny", commit="f" * 40)  # main has moved on since

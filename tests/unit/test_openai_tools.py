@@ -12,13 +12,20 @@ from finch.serve.openai_api import with_tool_calls
 from finch.serve.protocol import ChatRequest
 from tests.conftest import make_tokenizer
 
-WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 LOOKUP = {"type": "function", "function": {"name": "lookup"}}
 
 
 def request(**fields) -> ChatRequest:
-    return ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER, LOOKUP]} | fields)
+    return ChatRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER, LOOKUP]} | fields
+    )
 
 
 def answer(text: str, finish_reason: str = "stop") -> dict:
@@ -46,7 +53,9 @@ def test_forced_tool_choice_answers_become_calls_and_cut_json_stays_text(hermes)
     named = request(tool_choice={"type": "function", "function": {"name": "weather"}})
     assert named.forced_tool_schema() == WEATHER["function"]["parameters"]
     choice = with_tool_calls(hermes, named, answer('{"city":"Paris"}'))
-    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["weather"] and choice["message"]["content"] is None
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["weather"] and choice["message"][
+        "content"
+    ] is None
     required = request(tool_choice="required", parallel_tool_calls=False)
     assert required.forced_tool_schema()["maxItems"] == 1
     calls = with_tool_calls(hermes, required, answer('[{"name":"lookup","arguments":{}}]'))["message"]["tool_calls"]

@@ -18,7 +18,9 @@ def test_best_fit_uses_every_example_once_and_respects_capacity():
 
 
 def test_packed_rows_restart_positions_and_pad_without_loss():
-    rows = pack_examples([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[-100, 2, 3], [-100, 5], [6, 7, 8, 9]], max_length=8, pad_id=0)
+    rows = pack_examples(
+        [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [[-100, 2, 3], [-100, 5], [6, 7, 8, 9]], max_length=8, pad_id=0
+    )
     assert rows["num_tokens"] == [7, 2]
     assert rows["input_ids"][0] == [6, 7, 8, 9, 1, 2, 3, 0]
     assert rows["position_ids"][0] == [0, 1, 2, 3, 0, 1, 2, 0]
@@ -42,7 +44,9 @@ def test_packed_forward_equals_separate_forwards(tiny_model_dir, attention, flat
     rng = random.Random(1)
     examples = [[rng.randrange(2000) for _ in range(n)] for n in (17, 9, 30, 5)]
     rows = pack_examples(examples, examples, max_length=40, pad_id=0)  # two rows
-    batch = RowCollator(pad_id=0, flatten=flatten)([{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))])
+    batch = RowCollator(pad_id=0, flatten=flatten)(
+        [{k: rows[k][i] for k in rows} for i in range(len(rows["input_ids"]))]
+    )
     assert batch["input_ids"].shape[0] == (1 if flatten else 2)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits

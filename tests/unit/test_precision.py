@@ -24,8 +24,11 @@ NO_NATIVE_BF16 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 def config(tmp_path, model_dir, method="lora", dtype="auto", **sections):
     sections = {"train": {"method": method}, **sections}
-    return validate_config(run_config_dict(tmp_path, model_dir, ["unused.jsonl"],
-                                           model={"path": str(model_dir), "dtype": dtype}, **sections))
+    return validate_config(
+        run_config_dict(
+            tmp_path, model_dir, ["unused.jsonl"], model={"path": str(model_dir), "dtype": dtype}, **sections
+        )
+    )
 
 
 def chosen(precision):
@@ -84,7 +87,11 @@ def test_explicit_float16_for_inference_on_a_cpu_warns():
 def test_workers_get_every_auto_resolved_and_the_run_keeps_auto(tmp_path, tiny_model_dir):
     run = config(tmp_path, tiny_model_dir, "qlora")
     workers = resolved(run, training_precision(run, AVX2_CPU))
-    assert (workers.model.dtype, workers.train.mixed_precision, workers.qlora.compute_dtype) == ("float32", "no", "float32")
+    assert (workers.model.dtype, workers.train.mixed_precision, workers.qlora.compute_dtype) == (
+        "float32",
+        "no",
+        "float32",
+    )
     assert (run.model.dtype, run.train.mixed_precision, run.qlora.compute_dtype) == ("auto", "auto", "auto")
     manifest = training_precision(run, AVX2_CPU).manifest()
     assert manifest["weights"] == "float32" and manifest["device"]["native_bf16"] is False
@@ -98,8 +105,14 @@ def probe_in_subprocess(tmp_path, env: dict[str, str]) -> dict:
         "'warning': inference_dtype('bfloat16', d)[1]}))"
     )
     clean = {k: v for k, v in os.environ.items() if k not in NO_NATIVE_BF16}
-    result = subprocess.run([sys.executable, "-c", code], env={**clean, "FINCH_CACHE_DIR": str(tmp_path), **env},
-                            capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, "FINCH_CACHE_DIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

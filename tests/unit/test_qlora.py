@@ -1,5 +1,6 @@
 """QLoRA on CPU trains the same LoRA gradients as an fp32 model holding the dequantized weights,
-also after an evaluation forward (DESIGN.md: bitsandbytes can silently break that on CPU)."""
+also after an evaluation forward (bitsandbytes repacks 4-bit CPU weights for inference there, which
+silently broke LoRA gradients)."""
 
 from __future__ import annotations
 

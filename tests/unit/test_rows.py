@@ -28,7 +28,9 @@ def packed_table(seed: int, count: int = 40, max_length: int = 64) -> pa.Table:
 def preference_table(seed: int, count: int = 30) -> pa.Table:
     rng = random.Random(seed)
     ids = lambda: [rng.randrange(100_000) for _ in range(rng.randint(0, 25))]  # noqa: E731
-    return pa.Table.from_pylist([{"prompt_ids": ids(), "chosen_ids": ids(), "rejected_ids": ids()} for _ in range(count)])
+    return pa.Table.from_pylist(
+        [{"prompt_ids": ids(), "chosen_ids": ids(), "rejected_ids": ids()} for _ in range(count)]
+    )
 
 
 class Shard:
@@ -90,8 +92,10 @@ def test_collated_batches_from_stored_rows_equal_those_from_lists(tmp_path):
     collate = RowCollator(pad_id=0)
     stored, listed = collate([rows[0], rows[1]]), collate(table.to_pylist()[:2])
     assert stored.keys() == listed.keys() and all((stored[k] == listed[k]).all() for k in stored)
-    unpacked = [{"input_ids": np.array([1, 2, 3], np.int32), "labels": np.array([-100, 2, 3], np.int32)},
-                {"input_ids": np.array([4], np.int32), "labels": np.array([4], np.int32)}]
+    unpacked = [
+        {"input_ids": np.array([1, 2, 3], np.int32), "labels": np.array([-100, 2, 3], np.int32)},
+        {"input_ids": np.array([4], np.int32), "labels": np.array([4], np.int32)},
+    ]
     assert collate(unpacked)["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
 
 
@@ -105,8 +109,9 @@ def test_the_trainers_batches_drop_padding_that_no_row_needs(tmp_path, tiny_mode
     table = packed_table(0, count=6, max_length=512)  # about 130 tokens in one row of 512
     rows = write_rows([table], tmp_path / "rows", key="k")
     config = validate_config(run_config_dict(tmp_path, tiny_model_dir, ["unused.jsonl"], train={"max_steps": 1}))
-    trainer = build_trainer(config, load_trainable_model(config, str(tiny_model_dir)), make_tokenizer(), rows, None,
-                            str(tmp_path / "hf"))
+    trainer = build_trainer(
+        config, load_trainable_model(config, str(tiny_model_dir)), make_tokenizer(), rows, None, str(tmp_path / "hf")
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[1] == max(table["num_tokens"].to_pylist()) < 512
 

@@ -38,8 +38,16 @@ def test_model_labels_are_served_names_without_versions():
     assert metrics.model_label("od-1@v12") == "od-1"  # one series per on-demand adapter, not per version
 
 
-@pytest.mark.parametrize(("path", "endpoint"), [("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
-                                                ("/tight/v1/chat/completions", "chat"), ("/v1/models", None), ("/", None)])
+@pytest.mark.parametrize(
+    ("path", "endpoint"),
+    [
+        ("/v1/chat/completions", "chat"),
+        ("/v1/completions", "completions"),
+        ("/tight/v1/chat/completions", "chat"),
+        ("/v1/models", None),
+        ("/", None),
+    ],
+)
 def test_only_chat_and_completion_requests_are_metered(path, endpoint):
     assert metrics.endpoint_of({"type": "http", "path": path}) == endpoint
     assert metrics.endpoint_of({"type": "lifespan"}) is None
@@ -57,6 +65,7 @@ def serve_one(app, path: str = "/v1/chat/completions") -> None:
 
 def answering(status: int, generated: tuple[str | None, int, int] | None = None):
     """An app that answers `status`, having routed and generated (adapter, prompt tokens, completion tokens) if given."""
+
     async def app(scope, receive, send):
         if generated is not None:
             adapter, prompt_tokens, completion_tokens = generated
@@ -73,7 +82,9 @@ def test_an_answered_request_counts_its_model_tokens_and_times(recorded):
     model = {"model": "od-1"}
     assert recorded.requests.calls == [(1, model | {"endpoint": "chat", "status": "200"})]
     assert recorded.prompt_tokens.calls == [(7, model)] and recorded.completion_tokens.calls == [(5, model)]
-    assert [tags for _, tags in recorded.latency.calls] == [model] and [tags for _, tags in recorded.first_token.calls] == [model]
+    assert [tags for _, tags in recorded.latency.calls] == [model] and [
+        tags for _, tags in recorded.first_token.calls
+    ] == [model]
     assert recorded.running.calls == [(1, model), (0, model)]  # running while it was answered, then not
 
 

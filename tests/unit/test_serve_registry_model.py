@@ -10,15 +10,18 @@ import pytest
 
 from finch.config import ConfigError, ModelConfig, ServeConfig, validate_config
 from finch.fingerprint import fingerprint_model_folder
-from finch.models.source import resolve_model_source, resolve_served_model
-from finch.registry.store import AdapterEntry, RegistryError, publish, record_scores
+from finch.models.source import resolve_model_source
+from finch.registry.models import resolve_served_model
+from finch.registry.store import RegistryEntry, RegistryError, publish, record_scores
 from finch.serve.app import base_template
 from finch.serve.engine import check_servable
 from finch.train.run import announce_dora
 from tests.conftest import make_tiny_model_dir, make_tokenizer, run_config_dict
 
 
-def register_full_model(registry: Path, name: str, model_dir: Path, base_dir: Path, template: str = "chat") -> AdapterEntry:
+def register_full_model(
+    registry: Path, name: str, model_dir: Path, base_dir: Path, template: str = "chat"
+) -> RegistryEntry:
     """A fully fine-tuned entry as `finch train` (train.method full) publishes one, without training:
     model_dir's files, trained on base_dir."""
     files = {f.name: f for f in model_dir.iterdir() if f.is_file()}
@@ -26,7 +29,7 @@ def register_full_model(registry: Path, name: str, model_dir: Path, base_dir: Pa
     return publish(registry, name, files, {"base_model": base, "template": template}, kind="model")
 
 
-def register_fake_adapter(registry: Path, name: str, base_dir: Path, tmp_path: Path) -> AdapterEntry:
+def register_fake_adapter(registry: Path, name: str, base_dir: Path, tmp_path: Path) -> RegistryEntry:
     """An adapter entry whose manifest says it was trained on base_dir (weights are not read here)."""
     config, weights = tmp_path / f"{name}.json", tmp_path / f"{name}.safetensors"
     config.write_text(json.dumps({"r": 8, "target_modules": ["q_proj", "v_proj"]}))
@@ -70,7 +73,10 @@ def test_a_plain_model_path_resolves_as_before(registry, tiny_model_dir):
         ("registry:nope", "no adapter named 'nope'"),
         ("registry:full@v7", "has no version 7"),
         ("registry:../full", "must look like name or name@vN"),
-        ("registry:lora", "lora@v1 is a LoRA adapter, not a fully fine-tuned model: serve its base model .* in adapters"),
+        (
+            "registry:lora",
+            "lora@v1 is a LoRA adapter, not a fully fine-tuned model: serve its base model .* in adapters",
+        ),
     ],
 )
 def test_a_ref_that_is_no_full_model_of_the_registry_is_a_config_error_naming_model_path(registry, path, problem):

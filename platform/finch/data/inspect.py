@@ -38,7 +38,10 @@ def stats_table(stats: dict[str, Any], template: str) -> Table:
         ("eval examples", f"{stats.get('eval_examples', 0):,}"),
         ("tokens (after truncation)", f"{stats['tokens']:,}"),
         ("answer tokens (carry loss)", f"{stats['trainable_tokens']:,}"),
-        ("length min / mean / p50 / p95 / max", "{length_min} / {length_mean:.1f} / {length_p50:.0f} / {length_p95:.0f} / {length_max}".format(**stats)),
+        (
+            "length min / mean / p50 / p95 / max",
+            "{length_min} / {length_mean:.1f} / {length_p50:.0f} / {length_p95:.0f} / {length_max}".format(**stats),
+        ),
         ("truncated to max_length", f"{stats['truncated']:,} (max_length {stats['max_length']})"),
         ("dropped (no answer left)", f"{stats['dropped_no_answer']:,}"),
         ("training rows", f"{stats['rows']:,}"),

@@ -25,7 +25,6 @@ from finch.data.formats import kind_of, normalize
 from finch.data.packing import pack_examples
 from finch.data.readers import DatasetError, check_readable, iter_records
 from finch.data.templates import resolve_template
-from finch.models.source import ModelSource
 from finch.data.tokenization import (
     IGNORE_INDEX,
     PreferenceExample,
@@ -34,6 +33,8 @@ from finch.data.tokenization import (
     tokenize_sample,
     tokenize_text_chunks,
 )
+from finch.models.source import ModelSource
+from finch.models.tokenizer import load_tokenizer
 
 logger = logging.getLogger("finch.data")
 
@@ -65,19 +66,6 @@ class PreparedData:
     eval: ray.data.Dataset | None
     template: str
     stats: dict[str, Any]
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """One tokenizer per Ray worker process and path (tasks reuse worker processes)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if not tokenizer.is_fast:
-        raise DatasetError(f"{path}: finch needs a fast (Rust) tokenizer")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def prepare_datasets(data: DataConfig, model: ModelSource, objective: str = "sft") -> PreparedData:
@@ -149,7 +137,9 @@ def describe_skipped(stats: dict[str, Any]) -> str:
     )
 
 
-def hold_out(examples: ray.data.Dataset, data: DataConfig, by_document: bool) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def hold_out(
+    examples: ray.data.Dataset, data: DataConfig, by_document: bool
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Split off data.eval_fraction for eval. Pre-training chunks of one document stay on one
     side (by_document), or eval would score text the model trained on."""
     if not by_document:
@@ -215,12 +205,14 @@ def example_stats(examples: ray.data.Dataset, max_length: int) -> dict[str, Any]
 
 
 def _block_summary(batch: dict[str, np.ndarray]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "histogram": [np.bincount(batch["length"].astype(np.int64)).tolist()],
-        "trainable_tokens": [int(batch["trainable"].sum())],
-        "truncated": [int(batch["truncated"].sum())],
-        "dropped_no_answer": [int((batch["trainable"] == 0).sum())],
-    })
+    return pd.DataFrame(
+        {
+            "histogram": [np.bincount(batch["length"].astype(np.int64)).tolist()],
+            "trainable_tokens": [int(batch["trainable"].sum())],
+            "truncated": [int(batch["truncated"].sum())],
+            "dropped_no_answer": [int((batch["trainable"] == 0).sum())],
+        }
+    )
 
 
 def histogram_quantile(histogram: np.ndarray, q: float) -> float:
@@ -262,7 +254,10 @@ def read_file_rows(item: dict[str, Any]) -> list[dict[str, str]]:
     # JSON string, where records are objects), so that tokenize_batch applies data.bad_rows to
     # it like to any other bad row, in file order.
     return [
-        {"source": source, "record": json.dumps(str(record) if isinstance(record, DatasetError) else record, default=str)}
+        {
+            "source": source,
+            "record": json.dumps(str(record) if isinstance(record, DatasetError) else record, default=str),
+        }
         for source, record in iter_records(item["path"], mark_bad_rows=True)
     ]
 

@@ -61,7 +61,9 @@ def with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None
     return messages
 
 
-def render_prompt(messages: list[dict[str, Any]], template: str, tokenizer: Any, tools: list[dict] | None = None) -> list[Segment]:
+def render_prompt(
+    messages: list[dict[str, Any]], template: str, tokenizer: Any, tools: list[dict] | None = None
+) -> list[Segment]:
     """The segments a model continues from to produce the next assistant turn.
 
     Earlier turns render exactly as in training (EOS tokens included), so the prompt's
@@ -77,7 +79,9 @@ def takes_tools(template: str, tokenizer: Any) -> bool:
     return template == "chat" and "tools" in (tokenizer.chat_template or "")
 
 
-def _prompt_segments(messages: list[dict[str, Any]], template: str, tokenizer: Any, tools: list[dict] | None) -> list[Segment]:
+def _prompt_segments(
+    messages: list[dict[str, Any]], template: str, tokenizer: Any, tools: list[dict] | None
+) -> list[Segment]:
     if template == "chat":
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         return [Segment(text, False)]
@@ -184,7 +188,9 @@ def special_token_pattern(tokenizer: Any) -> re.Pattern[str]:
     matches them (its added tokens that are not special, such as "<think>", stay what they are)."""
     pattern = _SPECIAL_TOKEN_PATTERNS.get(tokenizer)
     if pattern is None:
-        strings = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special and token.content}
+        strings = {
+            token.content for token in tokenizer.added_tokens_decoder.values() if token.special and token.content
+        }
         pattern = re.compile(_trie_regex(strings) if strings else "(?!)")  # (?!) never matches
         _SPECIAL_TOKEN_PATTERNS[tokenizer] = pattern
     return pattern

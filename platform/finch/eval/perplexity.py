@@ -26,8 +26,8 @@ class ReferenceScorer:
     def __init__(self, group: EngineGroup, dtype: str, on_gpu: bool):
         import torch
 
-        from finch.data.pipeline import load_tokenizer
         from finch.models.loading import load_base_model
+        from finch.models.tokenizer import load_tokenizer
 
         folder = group.model.here()
         self.tokenizer = load_tokenizer(folder)
@@ -46,7 +46,9 @@ class ReferenceScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"example": [], "target": [], "nll": [], "tokens": []}
-        for example, target, messages, reference in zip(batch["example"], batch["target"], batch["messages"], batch["reference"]):
+        for example, target, messages, reference in zip(
+            batch["example"], batch["target"], batch["messages"], batch["reference"]
+        ):
             nll, tokens = self._reference_nll(self.targets[target], json.loads(messages), reference)
             for column, value in zip(out, (int(example), str(target), nll, tokens)):
                 out[column].append(value)
@@ -86,13 +88,19 @@ def reference_nll(
 
     items = [
         {"example": e.index, "target": t.name, "messages": json.dumps(e.messages), "reference": e.reference}
-        for e in examples if e.reference is not None for t in group.targets
+        for e in examples
+        if e.reference is not None
+        for t in group.targets
     ]
     if not items:
         return {}
     scored = ray.data.from_items(items).map_batches(
-        ReferenceScorer, fn_constructor_kwargs={"group": group, "dtype": dtype, "on_gpu": on_gpu},
-        batch_size=32, concurrency=engines, num_cpus=1, num_gpus=1 if on_gpu else 0,
+        ReferenceScorer,
+        fn_constructor_kwargs={"group": group, "dtype": dtype, "on_gpu": on_gpu},
+        batch_size=32,
+        concurrency=engines,
+        num_cpus=1,
+        num_gpus=1 if on_gpu else 0,
     )
     return {(row["example"], row["target"]): (row["nll"], row["tokens"]) for row in scored.iter_rows()}
 

@@ -24,7 +24,7 @@ from finch.eval.metrics import TEXT_METRICS, MetricError, summarize, text_scorer
 from finch.eval.perplexity import perplexity
 from finch.eval.targets import BASE, EngineGroup, Target, engine_groups, untrusted
 from finch.models.source import ModelSource
-from finch.registry.store import AdapterEntry, record_scores
+from finch.registry.store import RegistryEntry, record_scores
 from finch.runtime import init_ray
 
 console = Console()
@@ -50,7 +50,10 @@ def evaluate_groups(config: EvalConfig, groups: list[EngineGroup]) -> EvalResult
     # Built before any engine starts: a bad schema or user function fails in seconds, not minutes.
     scorers = {m.key: text_scorer(m) for m in config.metrics if m.name in TEXT_METRICS}
     models = [t.name for g in groups for t in g.targets]
-    console.print(f"finch: evaluating {', '.join(models)} on {len(examples)} examples of {', '.join(config.data.files)}", highlight=False)
+    console.print(
+        f"finch: evaluating {', '.join(models)} on {len(examples)} examples of {', '.join(config.data.files)}",
+        highlight=False,
+    )
     init_ray()
     dtypes = [served_dtype(config, group) for group in groups]
     answers = generate_all(config, groups, dtypes, examples)
@@ -73,7 +76,13 @@ def generate_all(
         task = progress.add_task("answers", total=total)
         for group, dtype in zip(groups, dtypes):
             rows = generate_answers(
-                group, examples, config.engine, config.generation, dtype, engine_count(config), config.use_gpu,
+                group,
+                examples,
+                config.engine,
+                config.generation,
+                dtype,
+                engine_count(config),
+                config.use_gpu,
                 lambda: progress.advance(task),
             )
             answers |= {(row["example"], row["target"]): row for row in rows}
@@ -86,7 +95,11 @@ def served_dtype(config: EvalConfig, group: EngineGroup) -> str:
 
     device = device_of_workers(config.use_gpu)
     dtype, warnings = inference_dtype(group.model_config.dtype, device)
-    console.print(f"finch: {group.model.path} generates in {dtype} on {device.name}: {device.evidence}", highlight=False, soft_wrap=True)
+    console.print(
+        f"finch: {group.model.path} generates in {dtype} on {device.name}: {device.evidence}",
+        highlight=False,
+        soft_wrap=True,
+    )
     for warning in warnings:
         console.print(f"[yellow]finch: warning: {warning}[/]", highlight=False, soft_wrap=True)
     return dtype
@@ -102,8 +115,12 @@ def engine_count(config: EvalConfig) -> int:
 
 
 def score_all(
-    config: EvalConfig, groups: list[EngineGroup], dtypes: list[str], examples: list[EvalExample],
-    answers: dict[tuple[int, str], dict], scorers: dict[str, Callable],
+    config: EvalConfig,
+    groups: list[EngineGroup],
+    dtypes: list[str],
+    examples: list[EvalExample],
+    answers: dict[tuple[int, str], dict],
+    scorers: dict[str, Callable],
 ) -> dict[tuple[int, str], dict[str, Any]]:
     """(example, model) -> {"scores": {metric: value or None}, "errors": {metric: message}}."""
     by_index = {e.index: e for e in examples}
@@ -138,7 +155,10 @@ def text_scores(scorer: Callable, answers: dict, by_index: dict[int, EvalExample
     for key, row in answers.items():
         example = by_index[row["example"]]
         try:
-            values[key] = (scorer(row["answer"], example.reference, {"messages": example.messages, "source": example.source}), None)
+            values[key] = (
+                scorer(row["answer"], example.reference, {"messages": example.messages, "source": example.source}),
+                None,
+            )
         except MetricError as err:
             values[key] = (None, str(err))
     return values
@@ -155,16 +175,26 @@ def reference_nll_all(
     return nll
 
 
-def judge_scores_of(metric: MetricConfig, answers: dict, by_index: dict[int, EvalExample]) -> dict[tuple[int, str], tuple]:
+def judge_scores_of(
+    metric: MetricConfig, answers: dict, by_index: dict[int, EvalExample]
+) -> dict[tuple[int, str], tuple]:
     from finch.eval.judge import judge_scores
 
     keys = [key for key, row in answers.items() if not row["error"]]
-    items = [{"prompt": by_index[k[0]].prompt, "answer": answers[k]["answer"], "reference": by_index[k[0]].reference} for k in keys]
-    console.print(f"finch: {metric.key}: asking {metric.judge.model} at {metric.judge.url} about {len(items)} answers", highlight=False)
+    items = [
+        {"prompt": by_index[k[0]].prompt, "answer": answers[k]["answer"], "reference": by_index[k[0]].reference}
+        for k in keys
+    ]
+    console.print(
+        f"finch: {metric.key}: asking {metric.judge.model} at {metric.judge.url} about {len(items)} answers",
+        highlight=False,
+    )
     return dict(zip(keys, judge_scores(metric.judge, items)))
 
 
-def summarize_scores(config: EvalConfig, models: list[str], scores: dict[tuple[int, str], dict]) -> dict[str, dict[str, dict]]:
+def summarize_scores(
+    config: EvalConfig, models: list[str], scores: dict[tuple[int, str], dict]
+) -> dict[str, dict[str, dict]]:
     summary: dict[str, dict[str, dict]] = {}
     for model in models:
         rows = [row for (_, name), row in scores.items() if name == model]
@@ -173,7 +203,9 @@ def summarize_scores(config: EvalConfig, models: list[str], scores: dict[tuple[i
             values = [row["scores"].get(metric.key) for row in rows if metric.key not in row["errors"]]
             summary[model][metric.key] = summarize(values, errors=sum(metric.key in row["errors"] for row in rows))
             if metric.name == "perplexity":
-                summary[model][metric.key]["mean"] = perplexity([tuple(r["reference_nll"]) for r in rows if "reference_nll" in r])
+                summary[model][metric.key]["mean"] = perplexity(
+                    [tuple(r["reference_nll"]) for r in rows if "reference_nll" in r]
+                )
     return summary
 
 
@@ -188,11 +220,16 @@ def write_results(
     summary = summarize_scores(config, models, scores)
     records = [
         {
-            "index": e.index, "source": e.source, "prompt": e.messages, "reference": e.reference,
+            "index": e.index,
+            "source": e.source,
+            "prompt": e.messages,
+            "reference": e.reference,
             "answers": {
                 model: {
-                    "text": answers[(e.index, model)]["answer"], "tokens": answers[(e.index, model)]["answer_tokens"],
-                    "finish_reason": answers[(e.index, model)]["finish_reason"], **scores[(e.index, model)],
+                    "text": answers[(e.index, model)]["answer"],
+                    "tokens": answers[(e.index, model)]["answer_tokens"],
+                    "finish_reason": answers[(e.index, model)]["finish_reason"],
+                    **scores[(e.index, model)],
                 }
                 for model in models
             },
@@ -200,15 +237,23 @@ def write_results(
         for e in examples
     ]
     write_examples(run_dir / "examples.jsonl", records)
-    write_json_atomic(run_dir / "summary.json", {
-        "task": config.name, "models": models, "summary": summary,
-        "dataset": {"files": config.data.files, "fingerprint": fingerprint, "examples": len(examples)},
-        "config": config.model_dump(mode="json"), "evaluated_at": now(),
-    })
+    write_json_atomic(
+        run_dir / "summary.json",
+        {
+            "task": config.name,
+            "models": models,
+            "summary": summary,
+            "dataset": {"files": config.data.files, "fingerprint": fingerprint, "examples": len(examples)},
+            "config": config.model_dump(mode="json"),
+            "evaluated_at": now(),
+        },
+    )
     title = f"{config.name}: {len(examples)} examples"
     chart = plot_summary(run_dir / "summary.png", title, summary)
     print_table(console, title, summary)
-    console.print(f"finch: per-example answers and scores in {run_dir / 'examples.jsonl'}, chart {chart}", highlight=False)
+    console.print(
+        f"finch: per-example answers and scores in {run_dir / 'examples.jsonl'}, chart {chart}", highlight=False
+    )
     return EvalResult(run_dir, fingerprint, summary, records)
 
 
@@ -218,7 +263,10 @@ def record_in_registry(config: EvalConfig, groups: list[EngineGroup], result: Ev
     for target in entries:
         record_scores(target.entry, result.fingerprint, score_record(config, result, target.name))
     if entries:
-        console.print(f"finch: scores recorded in the registry manifests under evals[{result.fingerprint[:19]}...]", highlight=False)
+        console.print(
+            f"finch: scores recorded in the registry manifests under evals[{result.fingerprint[:19]}...]",
+            highlight=False,
+        )
 
 
 def score_record(config: EvalTaskConfig, result: EvalResult, model: str) -> dict[str, Any]:
@@ -239,24 +287,36 @@ def score_record(config: EvalTaskConfig, result: EvalResult, model: str) -> dict
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def evaluate_after_training(config: RunConfig, entry: AdapterEntry) -> dict[str, float | None]:
+def evaluate_after_training(config: RunConfig, entry: RegistryEntry) -> dict[str, float | None]:
     """train.eval_tasks: each task for the base model and the new entry, in the template it was
     trained with; returns the entry's scores as {'task/metric': score}."""
     scores: dict[str, float | None] = {}
     for task in config.train.eval_tasks:
-        result = evaluate(task_config(
-            task, config, models=[BASE, entry.ref], model=config.model, template=entry.manifest["template"],
-            registry_dir=config.registry_dir, output_dir=str(config.run_dir / "evals"),
-        ))
+        result = evaluate(
+            task_config(
+                task,
+                config,
+                models=[BASE, entry.ref],
+                model=config.model,
+                template=entry.manifest["template"],
+                registry_dir=config.registry_dir,
+                output_dir=str(config.run_dir / "evals"),
+            )
+        )
         scores |= {f"{task.name}/{metric}": value["mean"] for metric, value in result.summary[entry.ref].items()}
     return scores
 
 
 def evaluate_checkpoints(
-    task: EvalTaskConfig, run: RunConfig, model: ModelSource, template: str, adapters: dict[str, str], output_dir: Path,
+    task: EvalTaskConfig,
+    run: RunConfig,
+    model: ModelSource,
+    template: str,
+    adapters: dict[str, str],
+    output_dir: Path,
 ) -> EvalResult:
     """A task for LoRA adapters that are not in the registry (a sweep's trials: name -> folder), in one engine."""
     config = task_config(task, run, models=list(adapters), record=False, output_dir=str(output_dir))

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from finch.config import ConfigError, EngineConfig, EvalConfig, ModelConfig
-from finch.data.pipeline import load_tokenizer
 from finch.data.templates import resolve_template
 from finch.fingerprint import fingerprint_model_folder
-from finch.models.source import ModelSource, resolve_model_source, trained_base_source
-from finch.registry.store import AdapterEntry, resolve_adapter
+from finch.models.source import ModelSource, resolve_model_source
+from finch.models.tokenizer import load_tokenizer
+from finch.registry.models import trained_base_source
+from finch.registry.store import RegistryEntry, resolve_entry
 
 BASE = "base"
 # vLLM accepts only these values of max_lora_rank (vllm.config.lora.MaxLoRARanks).
@@ -28,7 +29,7 @@ class Target:
     template: str
     system_prompt: str | None  # the one the adapter saw in training; none for the base model, as in finch serve
     adapter_path: str = ""  # the LoRA folder; '' for the engine's own model (the base, or a fully fine-tuned entry)
-    entry: AdapterEntry | None = None  # where scores are recorded
+    entry: RegistryEntry | None = None  # where scores are recorded
 
 
 @dataclass(frozen=True)
@@ -51,37 +52,50 @@ class EngineGroup:
         # Exactly the rank the adapters need: every LoRA product is sized by max_lora_rank.
         ranks = [adapter_rank(t.adapter_path) for t in self.adapters]
         rank = next(r for r in VLLM_LORA_RANKS if r >= max(ranks, default=1))
-        return engine.model_copy(update={
-            "max_loras": max_loras, "max_cpu_loras": max(engine.max_cpu_loras, max_loras), "max_lora_rank": rank,
-        })
+        return engine.model_copy(
+            update={
+                "max_loras": max_loras,
+                "max_cpu_loras": max(engine.max_cpu_loras, max_loras),
+                "max_lora_rank": rank,
+            }
+        )
 
 
 def engine_groups(config: EvalConfig) -> list[EngineGroup]:
-    entries = {ref: resolve_adapter(config.registry_dir, ref) for ref in dict.fromkeys(config.models) if ref != BASE}
+    entries = {ref: resolve_entry(config.registry_dir, ref) for ref in dict.fromkeys(config.models) if ref != BASE}
     adapters = [e for e in entries.values() if e.kind == "adapter"]
     groups = []
     if BASE in config.models or adapters:
         groups.append(_base_group(config, adapters))
     for entry in (e for e in entries.values() if e.kind == "model"):
         folder = str(entry.path)
-        model = untrusted(ModelConfig.model_validate(entry.manifest["config"]["model"])).model_copy(update={"path": folder})
+        model = untrusted(ModelConfig.model_validate(entry.manifest["config"]["model"])).model_copy(
+            update={"path": folder}
+        )
         groups.append(EngineGroup(ModelSource(folder, folder), model, (_entry_target(entry),)))
     return groups
 
 
-def _base_group(config: EvalConfig, adapters: list[AdapterEntry]) -> EngineGroup:
+def _base_group(config: EvalConfig, adapters: list[RegistryEntry]) -> EngineGroup:
     from finch.serve.engine import check_servable
 
     if config.model is not None:
         source, model = resolve_model_source(config.model), config.model
     elif adapters:
-        source, model = trained_base_source(adapters), ModelConfig.model_validate(adapters[0].manifest["config"]["model"])
+        source, model = (
+            trained_base_source(adapters),
+            ModelConfig.model_validate(adapters[0].manifest["config"]["model"]),
+        )
     else:
         raise ConfigError("evaluating 'base' alone needs model.path (the base model to evaluate)")
     fingerprint = fingerprint_model_folder(source.folder)
     for entry in adapters:
         check_servable(entry, fingerprint, max_lora_rank=max(VLLM_LORA_RANKS))
-    targets = [Target(BASE, resolve_template(config.template, load_tokenizer(source.folder)), None)] if BASE in config.models else []
+    targets = (
+        [Target(BASE, resolve_template(config.template, load_tokenizer(source.folder)), None)]
+        if BASE in config.models
+        else []
+    )
     return EngineGroup(source, untrusted(model), tuple(targets + [_entry_target(e) for e in adapters]))
 
 
@@ -90,6 +104,6 @@ def untrusted(model: ModelConfig) -> ModelConfig:
     return model.model_copy(update={"trust_remote_code": False})
 
 
-def _entry_target(entry: AdapterEntry) -> Target:
+def _entry_target(entry: RegistryEntry) -> Target:
     adapter = str(entry.path) if entry.kind == "adapter" else ""
     return Target(entry.ref, entry.manifest["template"], entry.system_prompt, adapter, entry)

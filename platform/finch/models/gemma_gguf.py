@@ -129,7 +129,7 @@ def _check(model_dir: Path) -> None:
     _require("quantization_config" not in config, "config.json still has a quantization_config")
     _require(config.get("dtype") == "bfloat16", f"config.json has dtype {config.get('dtype')}")
     with safe_open(model_dir / "model.safetensors", framework="pt") as weights:
-        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118 (safe_open is no dict)
     _require(dtypes == {"BF16"}, f"weights are stored as {sorted(dtypes)}")
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -44,7 +44,10 @@ def load_base_model(
     `device_map` 'cpu' keeps a 4-bit model off a GPU (bitsandbytes loads onto the GPU when one is visible)."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    extra: dict[str, Any] = {"dtype": torch_dtype(model_config.dtype, use_gpu), "trust_remote_code": model_config.trust_remote_code}
+    extra: dict[str, Any] = {
+        "dtype": torch_dtype(model_config.dtype, use_gpu),
+        "trust_remote_code": model_config.trust_remote_code,
+    }
     attention = attention_implementation(model_config, use_gpu)
     if attention:
         extra["attn_implementation"] = attention
@@ -60,7 +63,9 @@ def load_base_model(
     if weightless:
         from accelerate import init_empty_weights
 
-        config = extra.pop("config", None) or AutoConfig.from_pretrained(folder, trust_remote_code=model_config.trust_remote_code)
+        config = extra.pop("config", None) or AutoConfig.from_pretrained(
+            folder, trust_remote_code=model_config.trust_remote_code
+        )
         # Buffers stay real: the ones a checkpoint does not hold (rotary frequencies) are never broadcast.
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, **extra)
@@ -141,9 +146,7 @@ def load_trainable_model(config: RunConfig, folder: str, rank: int = 0) -> Any:
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.train.gradient_checkpointing
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
         keep_cpu_4bit_weights_trainable(model)
     model = apply_lora(model, config.lora)
     model.train()
@@ -173,7 +176,8 @@ def keep_cpu_4bit_weights_trainable(model: Any) -> None:
 
     On CPUs with AVX512-BF16, the first eval-mode no-grad forward of a Linear4bit (an HF Trainer
     evaluation, say) repacks its weight into an inference layout for good; backward passes
-    after that give wrong or missing LoRA gradients (DESIGN.md, tested in test_qlora.py).
+    after that give wrong or missing LoRA gradients (seen: 8 of 12 LoRA parameters without a
+    gradient; tested in test_qlora.py).
     """
     import bitsandbytes as bnb
 

@@ -8,8 +8,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from finch.config import ConfigError, ModelConfig, validate_config
-from finch.registry.store import AdapterEntry, RegistryError, resolve_adapter
+from finch.config import ConfigError, ModelConfig
 
 # Only these files are fetched from the hub: safetensors weights, never pickled .bin files.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*", "*.txt"]
@@ -33,7 +32,9 @@ def resolve_model_path(path: str, revision: str | None = None) -> str:
         try:
             return hub_snapshot(path, revision)
         except HubMiss as err:
-            raise ConfigError(f"model.path {path!r} is no local folder and could not be fetched from the hub: {err}") from None
+            raise ConfigError(
+                f"model.path {path!r} is no local folder and could not be fetched from the hub: {err}"
+            ) from None
     if revision is not None:
         raise ConfigError(f"model.revision {revision!r}: a revision names a hub commit, and {path!r} is not a hub id")
     return folder
@@ -109,52 +110,3 @@ def resolve_model_source(model: ModelConfig) -> ModelSource:
     is_hub = not model.path.startswith("pypi://") and not Path(model.path).is_dir()
     # snapshot_download's folders are named by commit: .../snapshots/<commit>
     return ModelSource(model.path, folder, Path(folder).name if is_hub else None)
-
-
-def trained_base_folder(entries: list[AdapterEntry]) -> str:
-    """The local folder of the base model registry entries were trained on."""
-    return trained_base_source(entries).folder
-
-
-def trained_base_source(entries: list[AdapterEntry]) -> ModelSource:
-    """The base model registry entries were trained on (at the commit they were trained on, for hub
-    models), checked by fingerprint."""
-    from finch.fingerprint import fingerprint_model_folder
-
-    bases = {entry.manifest["base_model"]["fingerprint"] for entry in entries}
-    if len(bases) != 1:
-        raise RegistryError(f"adapters {', '.join(e.ref for e in entries)} were trained on different base models")
-    model = validate_config(entries[0].manifest["config"]).model
-    source = resolve_model_source(model.model_copy(update={"revision": entries[0].manifest["base_model"].get("revision")}))
-    if fingerprint_model_folder(source.folder) not in bases:
-        raise RegistryError(f"base model at {source.folder} is not the one {entries[0].ref} was trained on (fingerprint differs)")
-    return source
-
-
-def resolve_served_model(model: ModelConfig, registry_dir: str | Path) -> tuple[ModelSource, AdapterEntry | None]:
-    """`finch serve`'s base model: `model.path` as resolve_model_source takes it, or the fully
-    fine-tuned entry of `registry_dir` that 'registry:NAME[@vN]' names (the latest version without
-    @vN, pinned here for every replica), returned too: its prompt template and system prompt go with it."""
-    if model.registry_ref is None:
-        return resolve_model_source(model), None
-    try:
-        entry = resolve_adapter(registry_dir, model.registry_ref)
-    except RegistryError as err:
-        raise ConfigError(f"model.path {model.path!r}: {err} (`finch registry list --registry {registry_dir}` lists its entries)") from None
-    if entry.kind != "model":
-        raise ConfigError(
-            f"model.path {model.path!r}: {entry.ref} is a LoRA adapter, not a fully fine-tuned model: serve its base model "
-            f"({entry.manifest.get('base_model', {}).get('id', 'the one it was trained on')}) as model.path and put "
-            f"{entry.ref} in adapters"
-        )
-    return registry_model_source(entry), entry
-
-
-def registry_model_source(entry: AdapterEntry) -> ModelSource:
-    """A fully fine-tuned registry entry as a model: its own folder, which every node reads from the
-    registry (shared storage, as for adapters)."""
-    # vLLM reads *.safetensors whenever a folder has any, and publish never registers pickled weights.
-    if not any(entry.path.glob("*.safetensors")):
-        raise RegistryError(f"{entry.ref} has no *.safetensors weights at {entry.path} (finch loads safetensors only)")
-    folder = str(entry.path)
-    return ModelSource(folder, folder)

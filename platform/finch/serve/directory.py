@@ -12,6 +12,7 @@ returns once every live replica reports the new version. A replica that Serve st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -70,10 +71,8 @@ def open_directory(app_name: str, initial: dict[str, str]) -> Any:
 
 def remove_directory(app_name: str) -> None:
     """Forget a previous deployment's adapter set: a new `finch serve` starts from its config."""
-    try:
+    with contextlib.suppress(ValueError):  # none exists
         ray.kill(ray.get_actor(directory_name(app_name), namespace=NAMESPACE))
-    except ValueError:  # none exists
-        pass
 
 
 class ReplicaAdapters:

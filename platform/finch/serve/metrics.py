@@ -48,20 +48,37 @@ def instruments() -> Instruments:
 
     model = ("model",)
     return Instruments(
-        requests=Counter("finch_requests", "Chat and completion requests answered, by model, endpoint and HTTP status",
-                         ("model", "endpoint", "status")),
+        requests=Counter(
+            "finch_requests",
+            "Chat and completion requests answered, by model, endpoint and HTTP status",
+            ("model", "endpoint", "status"),
+        ),
         prompt_tokens=Counter("finch_prompt_tokens", "Prompt tokens of requests the engine started answering", model),
         completion_tokens=Counter("finch_completion_tokens", "Tokens generated", model),
-        latency=Histogram("finch_request_latency_seconds", "Time to a request's last byte (a stream's [DONE]), requests answered 2xx",
-                          LATENCY_BUCKETS_S, model),
-        first_token=Histogram("finch_time_to_first_token_seconds", "Time from a request's arrival to its first generated token",
-                              FIRST_TOKEN_BUCKETS_S, model),
+        latency=Histogram(
+            "finch_request_latency_seconds",
+            "Time to a request's last byte (a stream's [DONE]), requests answered 2xx",
+            LATENCY_BUCKETS_S,
+            model,
+        ),
+        first_token=Histogram(
+            "finch_time_to_first_token_seconds",
+            "Time from a request's arrival to its first generated token",
+            FIRST_TOKEN_BUCKETS_S,
+            model,
+        ),
         running=Gauge("finch_requests_running", "Requests this replica is answering, by model", model),
-        adapter_loads=Counter("finch_adapter_loads", "Adapters loaded into the engine: pinned (config, admin, sync) or on demand",
-                              ("model", "kind")),
+        adapter_loads=Counter(
+            "finch_adapter_loads",
+            "Adapters loaded into the engine: pinned (config, admin, sync) or on demand",
+            ("model", "kind"),
+        ),
         adapter_evictions=Counter("finch_adapter_evictions", "On-demand adapters evicted to make room", model),
-        adapter_lookups=Counter("finch_adapter_cache_lookups", "Requests for on-demand adapters: hit (loaded already) or miss",
-                                ("model", "result")),
+        adapter_lookups=Counter(
+            "finch_adapter_cache_lookups",
+            "Requests for on-demand adapters: hit (loaded already) or miss",
+            ("model", "result"),
+        ),
         adapters_cached=Gauge("finch_adapters_cached", "On-demand adapters this replica holds"),
     )
 
@@ -182,4 +199,8 @@ def scrape_urls() -> list[str]:
     """Every live Ray node's Prometheus endpoint, where Ray's metrics agent exports these metrics."""
     import ray
 
-    return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics" for node in ray.nodes() if node["Alive"]]
+    return [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node["Alive"]
+    ]

@@ -15,9 +15,9 @@ import json
 import logging
 import time
 import uuid
-from importlib import resources
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from finch.config import NAME_PATTERN, ServeConfig
 from finch.data.templates import takes_tools, with_system_prompt
 from finch.data.tokenization import prompt_token_ids
-from finch.registry.store import AdapterEntry, RegistryError
+from finch.registry.store import RegistryEntry, RegistryError
 from finch.serve import metrics
 from finch.serve.directory import ReplicaAdapters
 from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, EngineFull, ServingEngine
@@ -49,20 +49,25 @@ BASE_MODEL = "base"
 # Ray Serve writes this logger to the replica's log file, tagged with the request id.
 logger = logging.getLogger("ray.serve")
 # The chat page loads nothing from elsewhere and may not be framed by other sites.
-CHAT_PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"
+CHAT_PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "frame-ancestors 'none'"
+)
 
 
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter: str = Field(description="Registry reference: name (latest) or name@vN.")
-    name: str | None = Field(None, pattern=NAME_PATTERN, description="Serve it under this name (default: its registry name).")
+    name: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Serve it under this name (default: its registry name)."
+    )
 
 
 @dataclass
 class ApiState:
     config: ServeConfig
     engine: ServingEngine
-    shared: ReplicaAdapters  # admin changes go through here to reach every replica
+    replica_adapters: ReplicaAdapters  # admin changes go through here to reach every replica
     tokenizer: Any
     base_template: str
     stop_token_ids: list[int]
@@ -100,7 +105,9 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key")
+            raise ApiError(
+                401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key"
+            )
 
     guarded = [Depends(authorized)]
 
@@ -110,7 +117,7 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
     @app.middleware("http")
     async def name_replica(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         response = await call_next(request)
-        response.headers["x-finch-replica"] = state.shared.replica
+        response.headers["x-finch-replica"] = state.replica_adapters.replica
         return response
 
     app.add_middleware(metrics.Metering)  # added last: outermost, it sees every refusal and a stream's end
@@ -136,7 +143,10 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
         pinned = [name for name in state.engine.adapters if name != ZERO_ADAPTER]
         on_demand = await asyncio.to_thread(state.engine.on_demand_names)  # reads the registry
         served = [BASE_MODEL, *pinned, *sorted(set(on_demand) - set(pinned))]
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "finch"} for m in served]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": "finch"} for m in served],
+        }
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest):
@@ -146,7 +156,9 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
         tools = tool_definitions(state, body, template)
         try:
             messages = [m.for_template() for m in body.messages]
-            messages = with_system_prompt(messages, target.entry.system_prompt if target.entry else state.base_system_prompt)
+            messages = with_system_prompt(
+                messages, target.entry.system_prompt if target.entry else state.base_system_prompt
+            )
             ids = prompt_token_ids(messages, state.tokenizer, template, tools)
         except Exception as err:  # a conversation the template cannot render
             raise ApiError(400, f"cannot render these messages: {err}") from None
@@ -156,22 +168,28 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
     async def completions(body: CompletionRequest):
         body.refuse_unsupported()
         adapter = (await route(state, body.model)).adapter
-        prompts = [checked_token_ids(p, len(state.tokenizer)) if isinstance(p, list) else state.tokenizer(p)["input_ids"]
-                   for p in body.prompt_list()]
+        prompts = [
+            checked_token_ids(p, len(state.tokenizer)) if isinstance(p, list) else state.tokenizer(p)["input_ids"]
+            for p in body.prompt_list()
+        ]
         return await respond(state, body, adapter, prompts, chat=False)
 
     @app.get("/admin/adapters", dependencies=guarded)
     async def list_served() -> dict[str, Any]:
-        adapters = [describe(a) for n, a in state.engine.adapters.items() if n != ZERO_ADAPTER]
+        adapters = [adapter_json(a) for n, a in state.engine.adapters.items() if n != ZERO_ADAPTER]
         on_demand = {"patterns": state.engine.on_demand, "cached": list(state.engine.cached)} | vars(state.engine.stats)
-        return {"adapters": adapters, "on_demand": on_demand, "replica": state.shared.replica,
-                "replica_versions": await state.shared.replica_versions()}
+        return {
+            "adapters": adapters,
+            "on_demand": on_demand,
+            "replica": state.replica_adapters.replica,
+            "replica_versions": await state.replica_adapters.replica_versions(),
+        }
 
     @app.post("/admin/adapters", dependencies=guarded)
     async def load_adapter(body: LoadRequest) -> dict[str, Any]:
         try:
-            adapter, behind = await state.shared.load(body.adapter, body.name)
-            return describe(adapter) | {"replicas_behind": behind}
+            adapter, behind = await state.replica_adapters.load(body.adapter, body.name)
+            return adapter_json(adapter) | {"replicas_behind": behind}
         except AdapterRefused as err:
             raise ApiError(409, str(err), code="adapter_refused") from None
         except RegistryError as err:
@@ -180,30 +198,41 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
     @app.delete("/admin/adapters/{name}", dependencies=guarded)
     async def unload_adapter(name: str) -> dict[str, Any]:
         try:
-            adapter, behind = await state.shared.unload(name)
-            return describe(adapter) | {"replicas_behind": behind}
+            adapter, behind = await state.replica_adapters.unload(name)
+            return adapter_json(adapter) | {"replicas_behind": behind}
         except RegistryError as err:
             raise ApiError(404, str(err), code="adapter_not_found") from None
 
     return app
 
 
-def refuse(request: Request, status: int, message: str, kind: str, code: str | None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def refuse(
+    request: Request, status: int, message: str, kind: str, code: str | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """An OpenAI-style error response, logged: a refused request leaves a trace an operator can find."""
     client = request.client.host if request.client else "?"
-    logger.warning("finch: refused %s %s from %s: %d %s: %s", request.method, request.url.path, client, status, code or kind, message)
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": code}}, headers=headers)
+    logger.warning(
+        "finch: refused %s %s from %s: %d %s: %s",
+        request.method,
+        request.url.path,
+        client,
+        status,
+        code or kind,
+        message,
+    )
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "code": code}}, headers=headers
+    )
 
 
-def describe(adapter: Any) -> dict[str, Any]:
+def adapter_json(adapter: Any) -> dict[str, Any]:
     return {"name": adapter.name, "ref": adapter.ref, "path": adapter.path, "running": adapter.running}
 
 
 @dataclass
 class Route:
     adapter: str | None  # for ServingEngine.generate: None (base), a pinned served name, or an on-demand ref
-    entry: AdapterEntry | None  # the registry entry: its template and training system prompt
+    entry: RegistryEntry | None  # the registry entry: its template and training system prompt
 
 
 async def route(state: ApiState, model: str) -> Route:
@@ -213,7 +242,7 @@ async def route(state: ApiState, model: str) -> Route:
     except ApiError as err:
         if err.status != 404:
             raise
-        await state.shared.sync()
+        await state.replica_adapters.sync()
         target = await resolve_model(state, model)
     metrics.routed(target.adapter)
     return target
@@ -246,12 +275,24 @@ def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) 
     limits = state.config
     room = limits.engine.max_model_len - prompt_length
     if room <= 0:
-        raise ApiError(400, f"prompt is {prompt_length} tokens; this server takes at most {limits.engine.max_model_len - 1}", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"prompt is {prompt_length} tokens; this server takes at most {limits.engine.max_model_len - 1}",
+            code="context_length_exceeded",
+        )
     requested = body.max_completion_tokens or body.max_tokens
     if requested is not None and requested > limits.server.max_tokens_limit:
-        raise ApiError(422, f"max_tokens {requested} is above this server's limit of {limits.server.max_tokens_limit}", code="invalid_parameters")
+        raise ApiError(
+            422,
+            f"max_tokens {requested} is above this server's limit of {limits.server.max_tokens_limit}",
+            code="invalid_parameters",
+        )
     if requested is not None and requested > room:
-        raise ApiError(400, f"prompt ({prompt_length}) + max_tokens ({requested}) exceed the context of {limits.engine.max_model_len} tokens", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"prompt ({prompt_length}) + max_tokens ({requested}) exceed the context of {limits.engine.max_model_len} tokens",
+            code="context_length_exceeded",
+        )
     try:
         return vllm_sampling_params(state, body, requested or min(room, limits.server.max_tokens_limit))
     except VLLMClientError as err:  # a combination vLLM refuses
@@ -286,11 +327,18 @@ def tool_definitions(state: ApiState, body: ChatRequest, template: str) -> list[
         return None
     if not takes_tools(template, state.tokenizer):
         where = "the alpaca template" if template == "alpaca" else "a chat template that does not read `tools`"
-        raise ApiError(400, f"tools: model {body.model!r} is prompted with {where}; it cannot be given tools", code="unsupported_parameter")
+        raise ApiError(
+            400,
+            f"tools: model {body.model!r} is prompted with {where}; it cannot be given tools",
+            code="unsupported_parameter",
+        )
     if body.calls_tools and body.forced_tool_schema() is None and state.tool_parser is None:
-        raise ApiError(400, "tool_choice: 'auto' (the default with tools) needs server.tool_parser to read tool calls from "
-                       "answers; set it, or force a tool with tool_choice 'required' or {\"type\": \"function\", ...}",
-                       code="unsupported_parameter")
+        raise ApiError(
+            400,
+            "tool_choice: 'auto' (the default with tools) needs server.tool_parser to read tool calls from "
+            'answers; set it, or force a tool with tool_choice \'required\' or {"type": "function", ...}',
+            code="unsupported_parameter",
+        )
     return [tool.model_dump(exclude_none=True) for tool in body.tools]
 
 
@@ -308,7 +356,10 @@ def with_tool_calls(state: ApiState, body: ChatRequest, choice: dict[str, Any]) 
         if not found.tools_called:
             return choice
         calls, content = [call.model_dump() for call in found.tool_calls], found.content
-    return choice | {"message": {"role": "assistant", "content": content, "tool_calls": calls}, "finish_reason": "tool_calls"}
+    return choice | {
+        "message": {"role": "assistant", "content": content, "tool_calls": calls},
+        "finish_reason": "tool_calls",
+    }
 
 
 def vllm_chat_request(body: ChatRequest) -> Any:
@@ -334,7 +385,11 @@ async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, p
     if any(not ids for ids in prompts):  # vLLM fails an empty prompt deep inside the engine
         raise ApiError(400, "the prompt is empty", code="empty_prompt")
     if len(prompts) * body.n > MAX_CHOICES:
-        raise ApiError(400, f"n: {len(prompts)} prompts x n={body.n} answers is over {MAX_CHOICES} per request", code="invalid_parameters")
+        raise ApiError(
+            400,
+            f"n: {len(prompts)} prompts x n={body.n} answers is over {MAX_CHOICES} per request",
+            code="invalid_parameters",
+        )
     params = [sampling_params(state, body, len(ids)) for ids in prompts]
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     answers = Answers(len(prompts), body.n, params[0].n, body.alternatives())
@@ -358,7 +413,9 @@ async def respond(state: ApiState, body: SamplingRequest, adapter: str | None, p
         await outputs.aclose()
         raise ApiError(504, f"generation took longer than {timeout} s", "timeout_error", "timeout") from None
     except EngineFull as err:
-        raise ApiError(503, str(err), "server_error", "engine_full", {"Retry-After": str(state.config.server.retry_after_s)}) from None
+        raise ApiError(
+            503, str(err), "server_error", "engine_full", {"Retry-After": str(state.config.server.retry_after_s)}
+        ) from None
     except AdapterRefused as err:  # vLLM could not load an on-demand adapter
         raise ApiError(409, str(err), code="adapter_refused") from None
     except RegistryError as err:  # the adapter was unloaded between routing and generation
@@ -387,9 +444,15 @@ def tool_answers(body: SamplingRequest) -> bool:
 
 async def replayed_events(answer: dict[str, Any], body: SamplingRequest):
     """A whole chat answer as server-sent chunks: each choice's message as one delta, then its finish."""
+
     def chunk(choice: dict[str, Any] | None, **extra: Any) -> str:
-        event = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"], "model": answer["model"],
-                 "choices": [choice] if choice else []}
+        event = {
+            "id": answer["id"],
+            "object": "chat.completion.chunk",
+            "created": answer["created"],
+            "model": answer["model"],
+            "choices": [choice] if choice else [],
+        }
         return f"data: {json.dumps(event | extra)}\n\n"
 
     for choice in answer["choices"]:
@@ -404,8 +467,9 @@ async def replayed_events(answer: dict[str, Any], body: SamplingRequest):
     yield "data: [DONE]\n\n"
 
 
-async def merged_outputs(engine: ServingEngine, prompts: list[list[int]], params: list[Any], adapter: str | None,
-                         request_id: str) -> AsyncIterator[tuple[int, Any]]:
+async def merged_outputs(
+    engine: ServingEngine, prompts: list[list[int]], params: list[Any], adapter: str | None, request_id: str
+) -> AsyncIterator[tuple[int, Any]]:
     """(prompt index, vLLM output) from one engine request per prompt, as they come. Closing this
     generator cancels the requests still running (vLLM aborts them)."""
     queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
@@ -434,21 +498,38 @@ async def merged_outputs(engine: ServingEngine, prompts: list[list[int]], params
             task.cancel()
 
 
-async def stream_events(outputs: AsyncIterator[tuple[int, Any]], first: tuple[int, Any], answers: Answers,
-                        body: SamplingRequest, request_id: str, chat: bool, deadline: float, prompt_tokens: int):
+async def stream_events(
+    outputs: AsyncIterator[tuple[int, Any]],
+    first: tuple[int, Any],
+    answers: Answers,
+    body: SamplingRequest,
+    request_id: str,
+    chat: bool,
+    deadline: float,
+    prompt_tokens: int,
+):
     """Server-sent events in OpenAI's chunk format, one choice per chunk, ending with `data: [DONE]`."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choice: dict[str, Any] | None, counts: dict[str, int] | None = None) -> str:
-        chunk = {"id": request_id, "object": kind, "created": created, "model": body.model, "choices": [choice] if choice else []}
+        chunk = {
+            "id": request_id,
+            "object": kind,
+            "created": created,
+            "model": body.model,
+            "choices": [choice] if choice else [],
+        }
         if counts is not None:
             chunk["usage"] = counts
         return f"data: {json.dumps(chunk)}\n\n"
 
     def events(item: tuple[int, Any]) -> list[str]:
-        return [event(delta_choice(choice, text, entries, chat)) for choice, text, entries in answers.take(*item)
-                if text or entries or choice.finish_reason]
+        return [
+            event(delta_choice(choice, text, entries, chat))
+            for choice, text, entries in answers.take(*item)
+            if text or entries or choice.finish_reason
+        ]
 
     if chat:
         for choice in answers.choices:
@@ -468,7 +549,11 @@ async def stream_events(outputs: AsyncIterator[tuple[int, Any]], first: tuple[in
                 for chunk in events(item):
                     yield chunk
         except TimeoutError:
-            timeout = {"message": "generation took longer than the server's request_timeout_s", "type": "timeout_error", "code": "timeout"}
+            timeout = {
+                "message": "generation took longer than the server's request_timeout_s",
+                "type": "timeout_error",
+                "code": "timeout",
+            }
             yield f"data: {json.dumps({'error': timeout})}\n\n"
     if body.stream_options and body.stream_options.include_usage:
         yield event(None, usage(prompt_tokens, answers.completion_tokens))

@@ -24,8 +24,12 @@ def ask_every_model(url: str, prompts: list[str], api_key: str | None, max_token
                 table.add_column(column, overflow="fold")
             for model in models:
                 started = time.perf_counter()
-                body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                        "temperature": 0}
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                }
                 reply = checked(client.post("/v1/chat/completions", json=body))
                 seconds = time.perf_counter() - started
                 answer = reply["choices"][0]["message"]["content"]
@@ -35,5 +39,7 @@ def ask_every_model(url: str, prompts: list[str], api_key: str | None, max_token
 
 def checked(response: httpx.Response) -> dict:
     if response.status_code != 200:
-        raise RuntimeError(f"{response.request.method} {response.request.url}: HTTP {response.status_code}: {response.text}")
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url}: HTTP {response.status_code}: {response.text}"
+        )
     return response.json()

@@ -20,8 +20,14 @@ MAX_CHOICES = 128
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.kind, self.code, self.headers = status, kind, code, headers
 
@@ -65,8 +71,14 @@ class Message(BaseModel):
         """The message as chat templates read it (HF's layout: tool call arguments as objects)."""
         message: dict[str, Any] = {"role": self.role, "content": self.text}
         if self.tool_calls:
-            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
-                "name": call.function.name, "arguments": parse_arguments(call.function.arguments)}} for call in self.tool_calls]
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": parse_arguments(call.function.arguments)},
+                }
+                for call in self.tool_calls
+            ]
         if self.tool_call_id:
             message["tool_call_id"] = self.tool_call_id
         return message
@@ -189,16 +201,24 @@ class SamplingRequest(BaseModel):
         """logit_bias, refused here (400 naming the token) rather than by vLLM once a stream has begun."""
         for token, bias in (self.logit_bias or {}).items():
             if not 0 <= token < vocab_size:
-                raise ApiError(400, f"logit_bias: token id {token} is not in the vocabulary (0-{vocab_size - 1})", code="invalid_parameters")
+                raise ApiError(
+                    400,
+                    f"logit_bias: token id {token} is not in the vocabulary (0-{vocab_size - 1})",
+                    code="invalid_parameters",
+                )
             if not -100 <= bias <= 100:
-                raise ApiError(400, f"logit_bias: bias {bias} for token {token} is outside [-100, 100]", code="invalid_parameters")
+                raise ApiError(
+                    400, f"logit_bias: bias {bias} for token {token} is outside [-100, 100]", code="invalid_parameters"
+                )
         return self.logit_bias or None
 
     def refuse_unsupported(self) -> None:
         sent = self.model_extra or {}
         for name, unused in NOT_HONOURED.items():
             if name in sent and sent[name] not in unused:
-                raise ApiError(400, f"{name}: this server does not support it; leave it out", code="unsupported_parameter")
+                raise ApiError(
+                    400, f"{name}: this server does not support it; leave it out", code="unsupported_parameter"
+                )
 
 
 class ChatRequest(SamplingRequest):
@@ -233,8 +253,15 @@ class ChatRequest(SamplingRequest):
             return next(t.function.parameters for t in self.tools if t.function.name == self.tool_choice.function.name)
         if self.tool_choice != "required":
             return None
-        calls = [{"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
-                  "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in self.tools
+        ]
         schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
         return schema if self.parallel_tool_calls else schema | {"maxItems": 1}
 
@@ -245,7 +272,9 @@ class ChatRequest(SamplingRequest):
         if schema is None:
             return super().structured_outputs()
         if self.response_format and self.response_format.type != "text":
-            raise ApiError(400, "response_format: not with a tool_choice that forces tool calls", code="invalid_parameters")
+            raise ApiError(
+                400, "response_format: not with a tool_choice that forces tool calls", code="invalid_parameters"
+            )
         return StructuredOutputsParams(json=schema)
 
     def forced_tool_calls(self, text: str) -> list[dict[str, Any]]:
@@ -376,13 +405,25 @@ def delta_choice(choice: Choice, text: str, entries: list[dict[str, Any]], chat:
     body |= {"delta": {"content": text}} if chat else {"text": text}
     if choice.alternatives is not None:
         done = len(choice.logprobs) - len(entries)
-        body["logprobs"] = chat_logprobs(entries) if chat else completion_logprobs(entries, sum(len(e["token"]) for e in choice.logprobs[:done]))
+        body["logprobs"] = (
+            chat_logprobs(entries)
+            if chat
+            else completion_logprobs(entries, sum(len(e["token"]) for e in choice.logprobs[:done]))
+        )
     return body
 
 
 def tool_call(name: str, arguments: str) -> dict[str, Any]:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -13,7 +13,6 @@ import torch
 
 from finch.data.tokenization import IGNORE_INDEX
 
-
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")
 
 
@@ -29,7 +28,9 @@ class RowCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "position_ids" in rows[0] and self.flatten:
             used = [row.get("num_tokens", len(row["input_ids"])) for row in rows]
-            return {key: stacked([np.concatenate([row[key][:n] for row, n in zip(rows, used)])]) for key in PACKED_COLUMNS}
+            return {
+                key: stacked([np.concatenate([row[key][:n] for row, n in zip(rows, used)])]) for key in PACKED_COLUMNS
+            }
         if "position_ids" in rows[0]:
             # Packed: no attention mask, so transformers builds a block-diagonal mask from the
             # position_ids restarts (see finch.data.packing). A row's padding is its own block at

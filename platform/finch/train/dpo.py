@@ -22,8 +22,9 @@ from trl import DPOConfig, DPOTrainer
 
 from finch.config import RunConfig
 from finch.models.loading import load_base_model
+from finch.train.arguments import hf_arguments
+from finch.train.mixins import DdpGradientsInBuckets, FsdpOrRefuse, LayerwiseLrDecay, PeakMemoryLogging
 from finch.train.rows import iterate
-from finch.train.trainers import DdpGradientsInBuckets, FsdpOrRefuse, LayerwiseLrDecay, PeakMemoryLogging, hf_arguments
 
 
 class PretokenizedDPOTrainer(FsdpOrRefuse, DdpGradientsInBuckets, PeakMemoryLogging, LayerwiseLrDecay, DPOTrainer):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -32,8 +33,10 @@ SHOWN = (
 )
 
 
-def describe(metrics: dict[str, Any]) -> str:
-    return "  ".join(f"{label} {metrics[key]:.4g}" for key, label in SHOWN if isinstance(metrics.get(key), (int, float)))
+def metrics_line(metrics: dict[str, Any]) -> str:
+    return "  ".join(
+        f"{label} {metrics[key]:.4g}" for key, label in SHOWN if isinstance(metrics.get(key), (int, float))
+    )
 
 
 class TrainingProgress:
@@ -63,7 +66,9 @@ class TrainingProgress:
         )
         task = progress.add_task(self.title, total=None, metrics="starting workers")
         if not live:
-            self.console.print(f"finch: {self.title}: starting the training workers (each loads the model)", highlight=False)
+            self.console.print(
+                f"finch: {self.title}: starting the training workers (each loads the model)", highlight=False
+            )
         self._started = self._last_line = time.monotonic()
         watcher = threading.Thread(target=self._watch, args=(progress, task, live), daemon=True)
         with progress:
@@ -92,7 +97,7 @@ class TrainingProgress:
 
     def _show(self, metrics: dict[str, Any], progress: Progress, task: Any, live: bool) -> None:
         step, total = metrics.get("step", 0), metrics.get("max_steps")
-        text = describe(metrics)
+        text = metrics_line(metrics)
         is_eval = any(key.startswith("eval_") for key in metrics)
         if live:
             progress.update(task, completed=step, total=total, **({} if is_eval or not text else {"metrics": text}))

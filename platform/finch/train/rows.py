@@ -80,7 +80,9 @@ class RowStore:
         if column not in self._descriptors:
             self._descriptors[column] = os.open(self.folder / f"{column}.bin", os.O_RDONLY)
         size = np.dtype(VALUE_TYPE).itemsize
-        return np.frombuffer(os.pread(self._descriptors[column], int(end - start) * size, int(start) * size), VALUE_TYPE)
+        return np.frombuffer(
+            os.pread(self._descriptors[column], int(end - start) * size, int(start) * size), VALUE_TYPE
+        )
 
     def __getstate__(self) -> dict[str, Any]:  # descriptors do not travel between processes
         return {**self.__dict__, "_descriptors": {}}
@@ -110,7 +112,9 @@ def write_rows(batches: Iterable[pa.Table], folder: Path, key: str) -> RowStore:
     if len(counts) > 1:
         raise ValueError(f"columns of different lengths in {folder}: {counts}")
     for name, parts in lengths.items():
-        np.save(folder / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(np.concatenate(parts))]).astype(np.int64))
+        np.save(
+            folder / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(np.concatenate(parts))]).astype(np.int64)
+        )
     for name, parts in scalars.items():
         np.save(folder / f"{name}.npy", np.concatenate(parts))
     layout = {"key": key, "rows": counts.pop() if counts else 0, "lists": sorted(lengths), "scalars": sorted(scalars)}

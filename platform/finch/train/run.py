@@ -19,13 +19,14 @@ from finch.memory import training_memory
 from finch.models.loading import trainable_parameter_count
 from finch.models.source import ModelSource, resolve_model_source
 from finch.precision import Device, Precision, device_of_workers, resolved, training_precision
-from finch.registry.store import ADAPTER_FILES, AdapterEntry, publish
+from finch.registry.store import ADAPTER_FILES, RegistryEntry, publish
+from finch.run_folder import FINAL_CHECKPOINT, LOG_HISTORY_FILE
 from finch.runtime import OutputFolderError, init_ray
 from finch.train.plots import plot_loss
 from finch.train.progress import TrainingProgress
 from finch.train.rows import rows_root, run_rows_name
 from finch.train.tracking import MlflowTracker, flatten
-from finch.train.worker import FINAL_CHECKPOINT, LOG_HISTORY_FILE, last_values, train_loop_per_worker
+from finch.train.worker import last_values, train_loop_per_worker
 
 console = Console(soft_wrap=True)  # log lines stay whole in files and pipes
 
@@ -55,7 +56,7 @@ class RunExistsError(FileExistsError):
     pass
 
 
-def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> AdapterEntry:
+def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> RegistryEntry:
     announce_dora(config)
     run_dir = prepare_run_dir(config, overwrite, resume)
     device = workers_device(config.scale)
@@ -64,14 +65,14 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> A
     check_memory(config, model, device)
     check_free_space(config, model.folder)
     init_ray()
-    data = prepare_datasets(config.data, model, config.train.objective)
-    print_data_stats(data)
-    check_space_for_rows(data)
+    prepared = prepare_datasets(config.data, model, config.train.objective)
+    print_data_stats(prepared)
+    check_space_for_rows(prepared)
     tracker = MlflowTracker(config, resume) if config.tracking.mlflow else None
     progress = TrainingProgress(config.name, console, [tracker] if tracker else [])
     try:
-        final_checkpoint = progress.run(lambda: fit(config, model, data, device, progress.queue))
-        entry = register(config, model, data, final_checkpoint, run_dir, device)
+        final_checkpoint = progress.run(lambda: fit(config, model, prepared, device, progress.queue))
+        entry = register(config, model, prepared, final_checkpoint, run_dir, device)
         if config.train.eval_tasks:
             from finch.eval.run import evaluate_after_training
 
@@ -152,7 +153,9 @@ def prepare_run_dir(config: RunConfig, overwrite: bool, resume: bool) -> Path:
         check_resumable(config)
     elif run_dir.exists():
         if not overwrite:
-            raise RunExistsError(f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to start over")
+            raise RunExistsError(
+                f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to start over"
+            )
         shutil.rmtree(run_dir)
     for folder in (run_dir, Path(config.registry_dir)):
         try:
@@ -179,10 +182,10 @@ def check_free_space(config: RunConfig, model_path: str) -> None:
         )
 
 
-def check_space_for_rows(data: PreparedData) -> None:
+def check_space_for_rows(prepared: PreparedData) -> None:
     """Fail before training when this machine's temp folder cannot hold the rows that the workers
     copy there (train/rows.py): about half their size in Ray's object store (int64 there, int32 on disk)."""
-    needed = sum(rows.size_bytes() for rows in (data.train, data.eval) if rows is not None) // 2
+    needed = sum(rows.size_bytes() for rows in (prepared.train, prepared.eval) if rows is not None) // 2
     folder = rows_root().parent
     free = shutil.disk_usage(folder).free
     if free < needed:
@@ -212,21 +215,27 @@ def check_resumable(config: RunConfig) -> None:
     if not any(run_dir.glob("checkpoint-*")):
         raise RunExistsError(f"nothing to resume: {run_dir} holds no checkpoint")
     if (run_dir / FINAL_CHECKPOINT).exists():
-        raise RunExistsError(f"run {config.name} already finished; its adapter is in {config.registry_dir}/{config.name}")
+        raise RunExistsError(
+            f"run {config.name} already finished; its adapter is in {config.registry_dir}/{config.name}"
+        )
     saved = flatten(json.loads((run_dir / "config.json").read_text()))
     current = flatten(dump_config(config))
     # A key the saved config lacks came with a newer finch, whose default keeps the old behaviour.
-    changed = [key for key in current if key.startswith(RESUME_MUST_MATCH) and key in saved and saved[key] != current[key]]
+    changed = [
+        key for key in current if key.startswith(RESUME_MUST_MATCH) and key in saved and saved[key] != current[key]
+    ]
     if changed:
         raise RunExistsError(f"cannot resume {config.name}: changed since the interrupted run: {', '.join(changed)}")
 
 
-def fit(config: RunConfig, model: ModelSource, data: PreparedData, device: Device, progress_queue=None, callbacks=()):
+def fit(
+    config: RunConfig, model: ModelSource, prepared: PreparedData, device: Device, progress_queue=None, callbacks=()
+):
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    datasets = {"train": data.train} | ({"eval": data.eval} if data.eval is not None else {})
+    datasets = {"train": prepared.train} | ({"eval": prepared.eval} if prepared.eval is not None else {})
     # Workers train with every 'auto' type resolved for `device`; run folders and manifests keep 'auto'.
     worker_config = resolved(config, training_precision(config, device))
     trainer = TorchTrainer(
@@ -281,12 +290,12 @@ def scaling_config(config: RunConfig):
 def register(
     config: RunConfig,
     model: ModelSource,
-    data: PreparedData,
+    prepared: PreparedData,
     checkpoint,
     run_dir: Path,
     device: Device,
     lineage: dict | None = None,
-) -> AdapterEntry:
+) -> RegistryEntry:
     """Publish the final checkpoint as `config.name`: the adapter files, or for full fine-tuning the
     whole model folder; `lineage` (e.g. the sweep and trial it won) goes into the manifest."""
     kind = "model" if config.train.method == "full" else "adapter"
@@ -300,7 +309,7 @@ def register(
         else:
             files = {p.name: p for p in Path(folder).iterdir() if p.is_file() and p.name != LOG_HISTORY_FILE}
         files["loss.png"] = loss_png
-        entry_manifest = manifest(config, model, data, log_history, run_dir, training_precision(config, device))
+        entry_manifest = manifest(config, model, prepared, log_history, run_dir, training_precision(config, device))
         entry_manifest |= {"lineage": lineage} if lineage else {}
         entry = publish(config.registry_dir, config.name, files, entry_manifest, kind)
     console.print(f"[green]finch: registered {kind} {entry.ref}[/] at {entry.path}")
@@ -308,30 +317,41 @@ def register(
 
 
 def manifest(
-    config: RunConfig, model: ModelSource, data: PreparedData, log_history: list[dict], run_dir: Path, precision: Precision
+    config: RunConfig,
+    model: ModelSource,
+    prepared: PreparedData,
+    log_history: list[dict],
+    run_dir: Path,
+    precision: Precision,
 ) -> dict:
     metrics = last_values(log_history)
-    stats = {k: v for k, v in data.stats.items() if k != "length_histogram"}
+    stats = {k: v for k, v in prepared.stats.items() if k != "length_histogram"}
     return {
-        "base_model": {"id": config.model.path, "revision": model.revision, "fingerprint": fingerprint_model_folder(model.folder)},
+        "base_model": {
+            "id": config.model.path,
+            "revision": model.revision,
+            "fingerprint": fingerprint_model_folder(model.folder),
+        },
         "dataset": {
-            "fingerprint": fingerprint_paths(config.data.train_files + config.data.eval_files, extra=json.dumps(dump_config(config)["data"])),
+            "fingerprint": fingerprint_paths(
+                config.data.train_files + config.data.eval_files, extra=json.dumps(dump_config(config)["data"])
+            ),
             "train_files": config.data.train_files,
             "eval_files": config.data.eval_files,
             "stats": stats,
         },
-        "template": data.template,
+        "template": prepared.template,
         "config": dump_config(config),
         "precision": precision.manifest(),
         "metrics": metrics,
         "finch_version": finch.__version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
     }
 
 
-def print_data_stats(data: PreparedData) -> None:
-    stats = data.stats
+def print_data_stats(prepared: PreparedData) -> None:
+    stats = prepared.stats
     efficiency = stats.get("packing_efficiency")
     bad_rows, overlong = stats["skipped_bad_rows"], stats["skipped_overlong"]
     console.print(
@@ -339,6 +359,7 @@ def print_data_stats(data: PreparedData) -> None:
         f"{stats.get('eval_examples', 0)} held out for eval), {stats['tokens']} tokens "
         f"(mean {stats['length_mean']:.0f}, max {stats['length_max']}), {stats['truncated']} truncated, "
         + (f"skipped {bad_rows} bad rows and {overlong} over-long, " if bad_rows or overlong else "")
-        + f"{stats['rows']} rows" + (f", packing efficiency {efficiency:.3f}" if efficiency else "")
-        + f", template {data.template}"
+        + f"{stats['rows']} rows"
+        + (f", packing efficiency {efficiency:.3f}" if efficiency else "")
+        + f", template {prepared.template}"
     )

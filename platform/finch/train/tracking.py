@@ -33,7 +33,9 @@ class MlflowTracker:
         if resume and id_file.exists() and self._reopen(id_file.read_text().strip()):
             return
         experiment = self.client.get_experiment_by_name(config.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.tracking.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(config.tracking.experiment)
+        )
         run = self.client.create_run(
             experiment_id,
             run_name=config.name,

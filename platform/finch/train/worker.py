@@ -24,13 +24,11 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from transformers.utils.logging import disable_progress_bar
 
 from finch.config import RunConfig, validate_config
-from finch.data.pipeline import load_tokenizer
 from finch.models.loading import load_trainable_model
+from finch.models.tokenizer import load_tokenizer
+from finch.run_folder import FINAL_CHECKPOINT, LOG_HISTORY_FILE
 from finch.train.rows import RowStore, node_rows, rows_root, write_shard_on_this_node
 from finch.train.trainers import build_trainer
-
-FINAL_CHECKPOINT = "final"
-LOG_HISTORY_FILE = "log_history.json"
 
 
 class RayReportCallback(TrainerCallback):
@@ -61,9 +59,7 @@ class RayReportCallback(TrainerCallback):
         # state, and under FSDP its weight and optimizer shards); Ray merges them into one folder.
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder.is_dir() else None
-        ray.train.report(
-            metrics={"step": state.global_step}, checkpoint=checkpoint, checkpoint_dir_name=folder.name
-        )
+        ray.train.report(metrics={"step": state.global_step}, checkpoint=checkpoint, checkpoint_dir_name=folder.name)
         if not state.is_world_process_zero:
             # HF rotates old checkpoints on rank 0 only; the other ranks' copies are in Ray's storage now.
             shutil.rmtree(folder, ignore_errors=True)

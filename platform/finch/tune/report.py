@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from finch.train.worker import FINAL_CHECKPOINT
+from finch.run_folder import FINAL_CHECKPOINT
 
 
 @dataclass
@@ -28,7 +28,11 @@ class TrialResult:
     @property
     def finished(self) -> bool:
         """Trained to the end (not stopped early by ASHA, not failed)."""
-        return self.error is None and self.checkpoint_path is not None and Path(self.checkpoint_path).name == FINAL_CHECKPOINT
+        return (
+            self.error is None
+            and self.checkpoint_path is not None
+            and Path(self.checkpoint_path).name == FINAL_CHECKPOINT
+        )
 
     @property
     def status(self) -> str:
@@ -61,11 +65,21 @@ def print_results(results: list[TrialResult], best: TrialResult, sweep: Any, con
     table = Table(title=f"sweep {sweep.name}: {len(results)} trials, best {best.trial_id} by {sweep.metric}")
     for column in ["trial", *keys, "status", "evals", "eval_loss", *task_metric]:
         table.add_column(column, justify="left" if column in ("trial", "status") else "right")
-    for r in sorted(results, key=lambda r: (r is not best, not r.finished, r.final_metric if not math.isnan(r.final_metric) else math.inf)):
+    for r in sorted(
+        results,
+        key=lambda r: (r is not best, not r.finished, r.final_metric if not math.isnan(r.final_metric) else math.inf),
+    ):
         style = "bold green" if r is best else None
         scores = [format_value(r.task_score) if r.task_score is not None else "-" for _ in task_metric]
-        table.add_row(r.trial_id, *(format_value(r.params.get(k)) for k in keys), r.status, str(r.evaluations),
-                      f"{r.final_metric:.4f}", *scores, style=style)
+        table.add_row(
+            r.trial_id,
+            *(format_value(r.params.get(k)) for k in keys),
+            r.status,
+            str(r.evaluations),
+            f"{r.final_metric:.4f}",
+            *scores,
+            style=style,
+        )
     console.print(table)
 
 
@@ -77,8 +91,18 @@ def write_results_csv(results: list[TrialResult], path: Path, metric: str = "eva
         writer.writerow(["trial", *keys, "status", "evaluations", "eval_loss", *task_metric, "checkpoint", "error"])
         for r in results:
             scores = [r.task_score if r.task_score is not None else "" for _ in task_metric]
-            writer.writerow([r.trial_id, *(r.params.get(k) for k in keys), r.status, r.evaluations, r.final_metric,
-                             *scores, r.checkpoint_path or "", r.error or ""])
+            writer.writerow(
+                [
+                    r.trial_id,
+                    *(r.params.get(k) for k in keys),
+                    r.status,
+                    r.evaluations,
+                    r.final_metric,
+                    *scores,
+                    r.checkpoint_path or "",
+                    r.error or "",
+                ]
+            )
 
 
 def plot_trials(results: list[TrialResult], best: TrialResult, path: Path, title: str) -> Path:
@@ -94,8 +118,14 @@ def plot_trials(results: list[TrialResult], best: TrialResult, path: Path, title
         steps, values = zip(*r.history)
         is_best = r is best
         params = ", ".join(f"{key.rsplit('.', 1)[-1]}={format_value(value)}" for key, value in r.params.items())
-        axes.plot(steps, values, marker="o", linewidth=2.5 if is_best else 1, alpha=1 if is_best else 0.6,
-                  label=f"{params}{' (best)' if is_best else ''}{'' if r.finished else ' - ' + r.status}")
+        axes.plot(
+            steps,
+            values,
+            marker="o",
+            linewidth=2.5 if is_best else 1,
+            alpha=1 if is_best else 0.6,
+            label=f"{params}{' (best)' if is_best else ''}{'' if r.finished else ' - ' + r.status}",
+        )
     axes.set(title=title, xlabel="step", ylabel="eval loss")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

@@ -20,12 +20,21 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from rich.console import Console
 
-from finch.config import ConfigError, EvalTaskConfig, RunConfig, SweepConfig, dump_config, load_config, set_dotted, validate_config
+from finch.config import (
+    ConfigError,
+    EvalTaskConfig,
+    RunConfig,
+    SweepConfig,
+    dump_config,
+    load_config,
+    set_dotted,
+    validate_config,
+)
 from finch.data.pipeline import PreparedData, prepare_datasets
 from finch.models.source import ModelSource, resolve_model_source
-from finch.registry.store import AdapterEntry
-from finch.runtime import init_ray
 from finch.precision import Device, training_precision
+from finch.registry.store import RegistryEntry
+from finch.runtime import init_ray
 from finch.train.run import check_memory, fit, print_data_stats, print_precision, register, workers_device
 from finch.tune.report import TrialResult, plot_trials, print_results, write_results_csv
 
@@ -50,7 +59,7 @@ class EvalReportsToTune(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-def sweep(config: SweepConfig, resume: bool = False) -> AdapterEntry:
+def sweep(config: SweepConfig, resume: bool = False) -> RegistryEntry:
     base = base_run_config(config)
     check_space(config, base)
     sweep_dir = config.sweep_dir
@@ -61,9 +70,9 @@ def sweep(config: SweepConfig, resume: bool = False) -> AdapterEntry:
     model = resolve_model_source(base.model)
     check_memory(base, model, device)
     init_ray()
-    data = prepare_datasets(base.data, model, base.train.objective)
-    print_data_stats(data)
-    trainable = trial_trainable(base, model, data, sweep_dir, device)
+    prepared = prepare_datasets(base.data, model, base.train.objective)
+    print_data_stats(prepared)
+    trainable = trial_trainable(base, model, prepared, sweep_dir, device)
     if resume:
         if not tune.Tuner.can_restore(str(sweep_dir)):
             raise SweepError(f"nothing to resume: {sweep_dir} holds no Tune experiment")
@@ -79,21 +88,25 @@ def sweep(config: SweepConfig, resume: bool = False) -> AdapterEntry:
     if interrupted(sweep_dir):
         raise SweepInterrupted(f"sweep {config.name} stopped before every trial ended; continue it with --resume")
     results = [TrialResult.from_tune(r, METRIC) for r in grid]
-    task_result = score_trials(config, base, model, data, results) if config.metric != METRIC else None
+    task_result = score_trials(config, base, model, prepared, results) if config.metric != METRIC else None
     best = best_trial(results, config)
     print_results(results, best, config, console)
     write_results_csv(results, sweep_dir / "results.csv", config.metric)
     plot_trials(results, best, sweep_dir / "results.png", f"{config.name}: {METRIC} per trial")
-    entry = register_best(config, base, model, data, best, device)
+    entry = register_best(config, base, model, prepared, best, device)
     if task_result is not None:
         from finch.eval.run import score_record
         from finch.registry.store import record_scores
 
-        record_scores(entry, task_result.fingerprint, score_record(ranking_task(config, base), task_result, trial_name(best)))
+        record_scores(
+            entry, task_result.fingerprint, score_record(ranking_task(config, base), task_result, trial_name(best))
+        )
     return entry
 
 
-def score_trials(config: SweepConfig, base: RunConfig, model: ModelSource, data: PreparedData, results: list[TrialResult]) -> Any:
+def score_trials(
+    config: SweepConfig, base: RunConfig, model: ModelSource, prepared: PreparedData, results: list[TrialResult]
+) -> Any:
     """Score every finished trial's adapter on the ranking task, all in one engine; sets task_score."""
     from finch.eval.run import evaluate_checkpoints
 
@@ -102,7 +115,7 @@ def score_trials(config: SweepConfig, base: RunConfig, model: ModelSource, data:
         return None
     task = ranking_task(config, base)
     adapters = {name: r.checkpoint_path for name, r in finished.items()}
-    result = evaluate_checkpoints(task, base, model, data.template, adapters, config.sweep_dir / "evals")
+    result = evaluate_checkpoints(task, base, model, prepared.template, adapters, config.sweep_dir / "evals")
     metric = config.metric.partition("/")[2]
     for name, trial in finished.items():
         trial.task_score = result.score(name, metric)
@@ -124,7 +137,9 @@ def interrupted(sweep_dir: Path) -> bool:
 def base_run_config(config: SweepConfig) -> RunConfig:
     base = load_config(config.run, config.overrides)
     if not base.has_eval:
-        raise ConfigError(f"{config.run}: a sweep stops trials early by eval loss; set data.eval_files or data.eval_fraction")
+        raise ConfigError(
+            f"{config.run}: a sweep stops trials early by eval loss; set data.eval_files or data.eval_fraction"
+        )
     if config.metric != METRIC:
         ranking_task(config, base)
     return base
@@ -136,10 +151,14 @@ def ranking_task(config: SweepConfig, base: RunConfig) -> EvalTaskConfig:
     tasks = {task.name: task for task in base.train.eval_tasks}
     if task_name not in tasks or metric not in {m.key for m in tasks[task_name].metrics}:
         offered = [f"{t.name}/{m.key}" for t in tasks.values() for m in t.metrics]
-        raise ConfigError(f"metric {config.metric!r} is not a task metric of {config.run}'s train.eval_tasks; "
-                          f"choose eval_loss or one of: {', '.join(offered) or '(none: add train.eval_tasks)'}")
+        raise ConfigError(
+            f"metric {config.metric!r} is not a task metric of {config.run}'s train.eval_tasks; "
+            f"choose eval_loss or one of: {', '.join(offered) or '(none: add train.eval_tasks)'}"
+        )
     if base.train.method == "full":
-        raise ConfigError("a task metric ranks LoRA and QLoRA trials (one engine, every trial's adapter); rank full fine-tuning by eval_loss")
+        raise ConfigError(
+            "a task metric ranks LoRA and QLoRA trials (one engine, every trial's adapter); rank full fine-tuning by eval_loss"
+        )
     return tasks[task_name]
 
 
@@ -151,7 +170,9 @@ def check_space(config: SweepConfig, base: RunConfig) -> None:
             try:
                 trial_config(base, {key: value}, "check", Path("."))
             except ConfigError as err:
-                raise ConfigError(f"search.space.{key}.{kind}: {value!r} does not make a valid run config: {err}") from None
+                raise ConfigError(
+                    f"search.space.{key}.{kind}: {value!r} does not make a valid run config: {err}"
+                ) from None
 
 
 def trial_config(base: RunConfig, params: dict[str, Any], trial_id: str, sweep_dir: Path) -> RunConfig:
@@ -208,16 +229,18 @@ def tune_config(config: SweepConfig) -> tune.TuneConfig:
     )
 
 
-def trial_trainable(base: RunConfig, model: ModelSource, data: PreparedData, sweep_dir: Path, device: Device) -> Any:
-    def run_trial(params: dict[str, Any], data: PreparedData) -> None:
+def trial_trainable(
+    base: RunConfig, model: ModelSource, prepared: PreparedData, sweep_dir: Path, device: Device
+) -> Any:
+    def run_trial(params: dict[str, Any], prepared: PreparedData) -> None:
         trial_id = tune.get_context().get_trial_id()
         config = trial_config(base, params, trial_id, sweep_dir)
         # Started again under the same name (a resumed sweep), Ray Train continues from the
         # trial's last checkpoint.
-        fit(config, model, data, device, callbacks=[EvalReportsToTune()])
+        fit(config, model, prepared, device, callbacks=[EvalReportsToTune()])
 
     # The trial process only waits on its Ray Train run; the workers hold the CPUs.
-    return tune.with_resources(tune.with_parameters(run_trial, data=data), {"CPU": 0.01})
+    return tune.with_resources(tune.with_parameters(run_trial, prepared=prepared), {"CPU": 0.01})
 
 
 def best_trial(results: list[TrialResult], config: SweepConfig) -> TrialResult:
@@ -236,8 +259,8 @@ def best_trial(results: list[TrialResult], config: SweepConfig) -> TrialResult:
 
 
 def register_best(
-    config: SweepConfig, base: RunConfig, model: ModelSource, data: PreparedData, best: TrialResult, device: Device
-) -> AdapterEntry:
+    config: SweepConfig, base: RunConfig, model: ModelSource, prepared: PreparedData, best: TrialResult, device: Device
+) -> RegistryEntry:
     from ray.train import Checkpoint
 
     trial = trial_config(base, best.params, best.trial_id, config.sweep_dir)
@@ -251,7 +274,7 @@ def register_best(
     }
     if best.task_score is not None:
         lineage[config.metric] = best.task_score
-    return register(named, model, data, Checkpoint(best.checkpoint_path), trial.run_dir, device, lineage)
+    return register(named, model, prepared, Checkpoint(best.checkpoint_path), trial.run_dir, device, lineage)
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:

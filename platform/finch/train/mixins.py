@@ -1,0 +1,138 @@
+"""Trainer mixins that finch adds to the HF Trainer and to TRL's DPOTrainer: each changes one
+behaviour where HF offers no setting for it."""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import sys
+from typing import Any
+
+import torch
+
+from finch.train.loss import LabelledHead, next_token_loss
+
+# Transformer blocks are numbered in parameter names: model.layers.3.mlp... (Llama, Gemma, Qwen,
+# Mistral), transformer.h.3... (GPT-2), encoder.layer.3... (BERT), blocks.3...
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+class FsdpOrRefuse:
+    """Trainer mixin: refuse to go on when FSDP was asked for and accelerate did not enable it. It
+    falls back to DDP without a word where it cannot shard (CPU/gloo), and would then place the
+    model on the device, which fails confusingly on the ranks that hold no weights yet."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            raise RuntimeError(
+                "scale.strategy fsdp: accelerate did not enable FSDP on this backend "
+                f"({self.accelerator.distributed_type}); FSDP needs GPUs (scale.use_gpu: true)"
+            )
+
+
+class DdpGradientsInBuckets:
+    """Trainer mixin: DDP keeps the gradients in its communication buckets (gradient_as_bucket_view)
+    instead of a second copy, one fp32 copy of every trained parameter less (a whole model's for
+    full fine-tuning). Ray Train sets up torch.distributed even for one worker, so accelerate wraps
+    every finch model in DDP. HF has no setting for it; `_build_accelerator_args` is where HF
+    builds DDP's arguments."""
+
+    def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        args = super()._build_accelerator_args(**kwargs)
+        for handler in args.get("kwargs_handlers", []):
+            if isinstance(handler, DistributedDataParallelKwargs):
+                handler.gradient_as_bucket_view = True
+        return args
+
+
+class LayerwiseLrDecay:
+    """Trainer mixin: when train.layer_lr_decay is set, the head and final norm train at lr, the
+    top block at lr * decay, each block below at decay times the one above, embeddings lowest.
+
+    HF Trainer builds one group per weight-decay setting; this splits those groups per layer
+    before the first step, so every other optimizer setting (class, betas, FSDP wrapping) stays HF's.
+    """
+
+    layer_lr_decay: float | None = None
+
+    def create_optimizer(self, model=None):
+        already_built = self.optimizer is not None  # HF returns the existing optimizer on later calls
+        optimizer = super().create_optimizer(model)
+        if not self.layer_lr_decay or already_built:
+            return optimizer
+        opt_model = self.model if model is None else model
+        names = {id(p): n for n, p in opt_model.named_parameters()}
+        num_layers = opt_model.config.get_text_config().num_hidden_layers
+        groups = []
+        for group in optimizer.param_groups:
+            by_scale: dict[float, list] = {}
+            for param in group["params"]:
+                depth = layer_depth(names[id(param)], num_layers)
+                by_scale.setdefault(self.layer_lr_decay ** (num_layers + 1 - depth), []).append(param)
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups += [{**settings, "params": ps, "lr": group["lr"] * scale} for scale, ps in by_scale.items()]
+        # Highest lr first: HF logs the first group's learning rate.
+        groups.sort(key=lambda group: -group["lr"])
+        optimizer.param_groups = []
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """0 for embeddings, i + 1 for block i, num_layers + 1 for everything on top (norm, head)."""
+    match = LAYER_INDEX.search(name)
+    if match:
+        return int(match[1]) + 1
+    return 0 if "embed" in name or ".wte." in name or ".wpe." in name else num_layers + 1
+
+
+class PerplexityLogging:
+    """Trainer mixin: every logged eval loss comes with its perplexity, exp(loss)."""
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "eval_loss" in logs:
+            logs = {**logs, "eval_perplexity": math.exp(min(logs["eval_loss"], 50.0))}  # capped: no overflow
+        super().log(logs, *args, **kwargs)
+
+
+class PeakMemoryLogging:
+    """Trainer mixin: the training summary (HF's last log, the one with train_runtime) carries this
+    worker's peak resident memory, and on a GPU the most memory allocated there, so the registry
+    manifest says what a run needed."""
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "train_runtime" in logs:
+            logs = {**logs, **peak_memory_gib()}
+        super().log(logs, *args, **kwargs)
+
+
+def peak_memory_gib() -> dict[str, float]:
+    # ru_maxrss: KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = {"peak_rss_gib": rss / 2**30}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return peak
+
+
+class LabelledPositionsLoss:
+    """Trainer mixin: the SFT / pre-training loss from the LM head at labelled positions only, in
+    chunks (train/loss.py), when `labelled_head` is set; the model's own loss otherwise."""
+
+    labelled_head: LabelledHead | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.labelled_head is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # As HF does for models that take num_items_in_batch: the sum over the tokens of every
+        # accumulated micro-batch (and device), so the step's gradient is the per-token mean.
+        counted = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, outputs = next_token_loss(model, self.labelled_head, inputs, counted)
+        if counted is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
