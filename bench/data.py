@@ -41,8 +41,9 @@ import ray
 from machine import command_line, load_average, machine_description
 
 from finch.config import DataConfig, ModelConfig
+from finch.data.examples import ExampleSpec, tokenize_batch
 from finch.data.packing import pack_examples
-from finch.data.pipeline import prepare_datasets, tokenize_batch
+from finch.data.pipeline import prepare_datasets
 from finch.data.readers import iter_records
 from finch.data.templates import resolve_template
 from finch.models.gemma_gguf import GEMMA3_270M_URI
@@ -113,7 +114,7 @@ def datasets_run(files: list[str], max_length: int, model: ModelSource) -> tuple
 
     def tokenize(batch: dict) -> dict:
         rows = pd.DataFrame({"source": batch["source"], "record": batch["record"]})
-        frame = tokenize_batch(rows, data, model, template, "sft")
+        frame = tokenize_batch(rows, ExampleSpec(data, model, template))
         return frame.to_dict("list")
 
     def pack(batch: dict) -> dict:

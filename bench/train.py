@@ -247,7 +247,7 @@ def tokenized_examples(config: dict) -> list[dict]:
     """finch's token ids and labels of the training file, answerless examples dropped as finch does."""
     import pandas as pd
 
-    from finch.data.pipeline import tokenize_batch
+    from finch.data.examples import ExampleSpec, tokenize_batch
     from finch.data.readers import iter_records
     from finch.models.source import resolve_model_source
 
@@ -256,7 +256,7 @@ def tokenized_examples(config: dict) -> list[dict]:
     rows = pd.DataFrame(
         [{"source": source, "record": json.dumps(record)} for source, record in iter_records(data.train_files[0])]
     )
-    frame = tokenize_batch(rows, data, resolve_model_source(run.model), data.template, "sft")
+    frame = tokenize_batch(rows, ExampleSpec(data, resolve_model_source(run.model), data.template))
     return [
         {"input_ids": list(ids), "labels": list(labels)}
         for ids, labels, trainable in zip(frame["input_ids"], frame["labels"], frame["trainable"])

@@ -1,5 +1,5 @@
 """data.bad_rows and data.overlong, row by row and without Ray: the pipeline's own reader and
-tokenize_batch, so each bad row is seen exactly as prepare_datasets sees it."""
+tokenize_batch (data/examples.py), so each bad row is seen exactly as prepare_datasets sees it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from finch.config import DataConfig
-from finch.data.pipeline import read_file_rows, tokenize_batch
+from finch.data.examples import ExampleSpec, read_file_rows, tokenize_batch
 from finch.data.readers import DatasetError, iter_records
 from finch.data.tokenization import tokenize_preference, tokenize_sample
 from tests.conftest import make_tokenizer, model_source
@@ -71,7 +71,7 @@ def tokenize_lines(
     path.write_text("".join(line + "\n" for line in lines))
     config = DataConfig(train_files=[str(path)], **data)
     rows = pd.DataFrame(read_file_rows({"path": str(path)}))
-    return str(path), tokenize_batch(rows, config, model_source(tokenizer_dir), "chat", objective)
+    return str(path), tokenize_batch(rows, ExampleSpec(config, model_source(tokenizer_dir), "chat", objective))
 
 
 @pytest.mark.parametrize("line, problem", BAD_ROWS)
