@@ -63,24 +63,34 @@ def make_tokenizer(chat_template: bool = True):
 
 def make_tiny_model_dir(path: Path, chat_template: bool = True, seed: int = 0, head_dim: int | None = None) -> Path:
     """A 2-layer random Llama (about 0.3M parameters) saved as a normal HF folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = make_tokenizer(chat_template)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    config = tiny_llama_config(
+        tokenizer, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, head_dim=head_dim or 16
+    )
+    return save_tiny_llama(path, config, tokenizer, seed)
+
+
+def tiny_llama_config(tokenizer, **settings):
+    """The tiny Llama's shape over `tokenizer`'s vocabulary; `settings` override or add."""
+    from transformers import LlamaConfig
+
+    shape = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,
         max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
         tie_word_embeddings=False,
-        head_dim=head_dim or 16,
     )
+    return LlamaConfig(**shape | {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id} | settings)
+
+
+def save_tiny_llama(path: Path, config, tokenizer, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -137,8 +147,7 @@ def tiny_spm_model_dir(tmp_path_factory) -> Path:
     tokenizer llama.cpp's GGUF converter knows without a hub lookup."""
     import shutil
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama-spm")
     shutil.copy(data_file("tokenizers/mistral_v3_tokenizer.model"), path / "tokenizer.model")
@@ -154,22 +163,7 @@ def tiny_spm_model_dir(tmp_path_factory) -> Path:
         )
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(path, tiny_llama_config(tokenizer, bos_token_id=tokenizer.bos_token_id), tokenizer)
 
 
 @pytest.fixture(scope="session")
