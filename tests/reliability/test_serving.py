@@ -115,7 +115,8 @@ def chat(url: str, model: str, max_tokens: int = 4, **extra) -> httpx.Response:
 
 def route_list(config: ServeConfig) -> list[tuple[str, str]]:
     """(method, path) of every route the served app has, from the app finch builds (no engine needed)."""
-    from finch.serve.openai_api import ApiState, build_api
+    from finch.serve.api import build_api
+    from finch.serve.state import ApiState
 
     app = build_api(ApiState(config, None, None, None, "", [], API_KEY))
     return [(method, route.path) for route in app.routes for method in sorted(route.methods - {"HEAD"})]

@@ -43,8 +43,9 @@ class FinchServer:
     ):
         from finch.models.tokenizer import load_tokenizer, stop_token_ids
         from finch.precision import detect_device, sixteen_bit_type
+        from finch.serve.api import build_api
         from finch.serve.engine import ServingEngine
-        from finch.serve.openai_api import ApiState, build_api
+        from finch.serve.state import ApiState
 
         self.config = validate_config(config, schema=ServeConfig)
         model_path = model.here()

@@ -1,37 +1,30 @@
-"""The OpenAI-compatible HTTP API over a `ServingEngine`: /v1/models, /v1/chat/completions,
-/v1/completions (plain and SSE streaming), admin routes to load/reload/unload adapters, /health.
+"""The OpenAI routes of `finch serve`'s HTTP API, over a `ServingEngine`: /v1/models,
+/v1/chat/completions and /v1/completions (plain and SSE streaming), and how they generate: which
+model a request names, its sampling parameters, tool calls, and the answer or event stream.
 
 Chat prompts are rendered with the template each adapter was trained with (its manifest), via
-the same code that built its training rows, so served prompt ids equal training ids. Errors are
-OpenAI-style JSON: {"error": {"message", "type", "code"}} with a 4xx/5xx status.
+the same code that built its training rows, so served prompt ids equal training ids. Refusals are
+`ApiError`s, answered as OpenAI-style JSON by middleware.py's handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 
-from finch.config import NAME_PATTERN, ServeConfig
 from finch.data.templates import takes_tools, with_system_prompt
 from finch.data.tokenization import prompt_token_ids
 from finch.registry.store import RegistryEntry, RegistryError
 from finch.serve import metrics
-from finch.serve.directory import ReplicaAdapters
 from finch.serve.engine import ZERO_ADAPTER, AdapterRefused, EngineFull, ServingEngine
 from finch.serve.protocol import (
     MAX_CHOICES,
@@ -44,100 +37,17 @@ from finch.serve.protocol import (
     final_choice,
     usage,
 )
+from finch.serve.state import ApiState
 
 BASE_MODEL = "base"
-# Ray Serve writes this logger to the replica's log file, tagged with the request id.
-logger = logging.getLogger("ray.serve")
-# The chat page loads nothing from elsewhere and may not be framed by other sites.
-CHAT_PAGE_POLICY = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-    "frame-ancestors 'none'"
-)
 
 
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    adapter: str = Field(description="Registry reference: name (latest) or name@vN.")
-    name: str | None = Field(
-        None, pattern=NAME_PATTERN, description="Serve it under this name (default: its registry name)."
-    )
+def openai_routes(state: ApiState) -> APIRouter:
+    """/v1/models, /v1/chat/completions and /v1/completions, unguarded here: `api.build_api` puts
+    them behind the API key."""
+    router = APIRouter()
 
-
-@dataclass
-class ApiState:
-    config: ServeConfig
-    engine: ServingEngine
-    replica_adapters: ReplicaAdapters  # admin changes go through here to reach every replica
-    tokenizer: Any
-    base_template: str
-    stop_token_ids: list[int]
-    api_key: str | None
-    tool_parser: Any = None  # vLLM's ToolParser for server.tool_parser: reads tool calls from free answers
-    base_system_prompt: str | None = None  # a served registry fine-tune's training system prompt (app.FinchServer)
-
-
-def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if on_startup is not None:
-            await on_startup()
-        yield
-
-    # The schema is served below, behind the API key like every route but the chat page.
-    app = FastAPI(title="finch", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return refuse(request, err.status, str(err), err.kind, err.code, err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in err.errors())
-        return refuse(request, 422, problems or "invalid request", "invalid_request_error", "invalid_parameters")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        # Starlette's own refusals (unknown route, wrong method, a body that is not UTF-8 JSON).
-        return refuse(request, err.status_code, str(err.detail), "invalid_request_error", getattr(err, "code", None))
-
-    def authorized(request: Request) -> None:
-        if state.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-            raise ApiError(
-                401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error", "invalid_api_key"
-            )
-
-    guarded = [Depends(authorized)]
-
-    # Added before the middleware below, so it runs inside it: its 413 reaches the handler above as is.
-    app.add_middleware(BodyLimit, max_bytes=state.config.server.max_request_bytes)
-
-    @app.middleware("http")
-    async def name_replica(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        response = await call_next(request)
-        response.headers["x-finch-replica"] = state.replica_adapters.replica
-        return response
-
-    app.add_middleware(metrics.Metering)  # added last: outermost, it sees every refusal and a stream's end
-
-    chat_page = resources.files("finch.serve").joinpath("static/chat.html").read_text()
-
-    @app.get("/", include_in_schema=False)
-    async def chat() -> HTMLResponse:
-        # The page itself is public; its API calls carry the key typed into it.
-        return HTMLResponse(chat_page, headers={"Content-Security-Policy": CHAT_PAGE_POLICY})
-
-    @app.get("/health", dependencies=guarded)
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
-    async def openapi() -> dict[str, Any]:
-        return app.openapi()
-
-    @app.get("/v1/models", dependencies=guarded)
+    @router.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
         pinned = [name for name in state.engine.adapters if name != ZERO_ADAPTER]
@@ -148,23 +58,13 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
             "data": [{"id": m, "object": "model", "created": created, "owned_by": "finch"} for m in served],
         }
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         body.refuse_unsupported()
         target = await route(state, body.model)
-        template = target.entry.manifest["template"] if target.entry else state.base_template
-        tools = tool_definitions(state, body, template)
-        try:
-            messages = [m.for_template() for m in body.messages]
-            messages = with_system_prompt(
-                messages, target.entry.system_prompt if target.entry else state.base_system_prompt
-            )
-            ids = prompt_token_ids(messages, state.tokenizer, template, tools)
-        except Exception as err:  # a conversation the template cannot render
-            raise ApiError(400, f"cannot render these messages: {err}") from None
-        return await respond(state, body, target.adapter, [ids], chat=True)
+        return await respond(state, body, target.adapter, [chat_prompt(state, body, target)], chat=True)
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @router.post("/v1/completions")
     async def completions(body: CompletionRequest):
         body.refuse_unsupported()
         adapter = (await route(state, body.model)).adapter
@@ -174,59 +74,7 @@ def build_api(state: ApiState, on_startup: Callable[[], Awaitable[None]] | None 
         ]
         return await respond(state, body, adapter, prompts, chat=False)
 
-    @app.get("/admin/adapters", dependencies=guarded)
-    async def list_served() -> dict[str, Any]:
-        adapters = [adapter_json(a) for n, a in state.engine.adapters.items() if n != ZERO_ADAPTER]
-        on_demand = {"patterns": state.engine.on_demand, "cached": list(state.engine.cached)} | vars(state.engine.stats)
-        return {
-            "adapters": adapters,
-            "on_demand": on_demand,
-            "replica": state.replica_adapters.replica,
-            "replica_versions": await state.replica_adapters.replica_versions(),
-        }
-
-    @app.post("/admin/adapters", dependencies=guarded)
-    async def load_adapter(body: LoadRequest) -> dict[str, Any]:
-        try:
-            adapter, behind = await state.replica_adapters.load(body.adapter, body.name)
-            return adapter_json(adapter) | {"replicas_behind": behind}
-        except AdapterRefused as err:
-            raise ApiError(409, str(err), code="adapter_refused") from None
-        except RegistryError as err:
-            raise ApiError(404, str(err), code="adapter_not_found") from None
-
-    @app.delete("/admin/adapters/{name}", dependencies=guarded)
-    async def unload_adapter(name: str) -> dict[str, Any]:
-        try:
-            adapter, behind = await state.replica_adapters.unload(name)
-            return adapter_json(adapter) | {"replicas_behind": behind}
-        except RegistryError as err:
-            raise ApiError(404, str(err), code="adapter_not_found") from None
-
-    return app
-
-
-def refuse(
-    request: Request, status: int, message: str, kind: str, code: str | None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """An OpenAI-style error response, logged: a refused request leaves a trace an operator can find."""
-    client = request.client.host if request.client else "?"
-    logger.warning(
-        "finch: refused %s %s from %s: %d %s: %s",
-        request.method,
-        request.url.path,
-        client,
-        status,
-        code or kind,
-        message,
-    )
-    return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": kind, "code": code}}, headers=headers
-    )
-
-
-def adapter_json(adapter: Any) -> dict[str, Any]:
-    return {"name": adapter.name, "ref": adapter.ref, "path": adapter.path, "running": adapter.running}
+    return router
 
 
 @dataclass
@@ -267,6 +115,20 @@ async def resolve_model(state: ApiState, model: str) -> Route:
     if pinned is not None:
         raise ApiError(404, f"model {model!r}: this server has {pinned.ref} loaded as {name!r}", code="model_not_found")
     raise ApiError(404, f"model {model!r} is not served; GET /v1/models lists what is", code="model_not_found")
+
+
+def chat_prompt(state: ApiState, body: ChatRequest, target: Route) -> list[int]:
+    """The conversation's prompt ids, rendered in the template and with the system prompt the model was trained with."""
+    template = target.entry.manifest["template"] if target.entry else state.base_template
+    tools = tool_definitions(state, body, template)
+    try:
+        messages = [m.for_template() for m in body.messages]
+        messages = with_system_prompt(
+            messages, target.entry.system_prompt if target.entry else state.base_system_prompt
+        )
+        return prompt_token_ids(messages, state.tokenizer, template, tools)
+    except Exception as err:  # a conversation the template cannot render
+        raise ApiError(400, f"cannot render these messages: {err}") from None
 
 
 def sampling_params(state: ApiState, body: SamplingRequest, prompt_length: int) -> Any:
@@ -558,41 +420,3 @@ async def stream_events(
     if body.stream_options and body.stream_options.include_usage:
         yield event(None, usage(prompt_tokens, answers.completion_tokens))
     yield "data: [DONE]\n\n"
-
-
-class BodyTooLarge(HTTPException):
-    code = "request_too_large"
-
-    def __init__(self, max_bytes: int):
-        super().__init__(413, f"request body over {max_bytes} bytes")
-
-
-class BodyLimit:
-    """Refuse a request body over `max_bytes` with a 413, declared or streamed, without reading it all.
-
-    An ASGI middleware rather than an HTTP one: a chunked body has no Content-Length, so its bytes
-    are counted as they arrive (the app's handler for HTTPException answers).
-    """
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
-            err = BodyTooLarge(self.max_bytes)
-            response = refuse(Request(scope), err.status_code, err.detail, "invalid_request_error", err.code)
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def counted_receive() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise BodyTooLarge(self.max_bytes)
-            return message
-
-        await self.app(scope, counted_receive, send)
