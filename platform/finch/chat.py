@@ -51,6 +51,8 @@ class ChatSession:
         from peft import PeftModel
 
         adapters = [resolve_entry(registry_dir, ref) for ref in refs]
+        for adapter in adapters:
+            adapter.check_generates("chat")
         folder = trained_base_folder(adapters)
         config = validate_config(adapters[0].manifest["config"])
         tokenizer = load_tokenizer(folder)

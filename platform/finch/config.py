@@ -102,7 +102,7 @@ class DataConfig(Section):
     format: DatasetFormat = Field(
         "auto",
         description="Row format; 'auto' detects it per row from the keys. The last three are preference pairs "
-        "(train.objective dpo).",
+        "(train.objective dpo or reward).",
     )
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto",
@@ -157,6 +157,18 @@ class DpoConfig(Section):
         0.0, ge=0.0, lt=0.5, description="Assumed share of flipped preference labels (loss_type robust only)."
     )
 
+
+class RewardModelConfig(Section):
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="Weight of a penalty on the squared sum of the pair's rewards, keeping them centred "
+        "near 0 (TRL's name; the reward modelling paper of Eisenstein et al. uses 0.01).",
+    )
+
+
+# Objectives trained on preference pairs (prompt, chosen answer, rejected answer).
+PAIRWISE_OBJECTIVES = ("dpo", "reward")
 
 METRICS = (
     "exact_match",
@@ -283,10 +295,11 @@ class TrainConfig(Section):
         description="'full': every weight trains; 'lora': adapters on the base in model.dtype; "
         "'qlora': adapters on a 4-bit (bitsandbytes) base.",
     )
-    objective: Literal["sft", "pretrain", "dpo"] = Field(
+    objective: Literal["sft", "pretrain", "dpo", "reward"] = Field(
         "sft",
         description="'sft': loss on answer tokens; 'pretrain': raw text, loss on every token; "
-        "'dpo': preference pairs (see the dpo section).",
+        "'dpo': preference pairs (see the dpo section); 'reward': a reward model, a sequence classifier that "
+        "scores a whole answer, trained on preference pairs (see the reward section).",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
@@ -376,6 +389,9 @@ class RunConfig(Section):
     dpo: DpoConfig = Field(
         default_factory=DpoConfig, description="Preference training, used when train.objective is dpo."
     )
+    reward: RewardModelConfig = Field(
+        default_factory=RewardModelConfig, description="Reward models, used when train.objective is reward."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -406,6 +422,8 @@ class RunConfig(Section):
             )
         if train.objective == "pretrain" and self.data.format not in ("auto", "text"):
             raise ValueError(f"train.objective pretrain trains on raw text; data.format is {self.data.format}")
+        if train.objective == "reward" and train.eval_tasks:
+            raise ValueError("train.eval_tasks score generated answers; a reward model does not generate")
         if train.objective == "dpo" and train.neftune_alpha:
             raise ValueError("train.neftune_alpha does not apply to dpo: the noise would also hit the reference pass")
         if self.dpo.label_smoothing and self.dpo.loss_type != "robust":

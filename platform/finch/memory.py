@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from finch.config import RunConfig, ServeConfig
+from finch.config import PAIRWISE_OBJECTIVES, RunConfig, ServeConfig
 
 GIB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -103,7 +103,7 @@ def estimate_training(config: RunConfig, arch: Architecture, trained: int) -> Me
     shards = scale.num_workers if scale.strategy == "fsdp" else 1
     # Trained weights are fp32: full fine-tuning's are the model's weights, adapters' come on top.
     state_bytes = ADAM_BYTES + (0 if train.method == "full" else 4)
-    tokens = train.batch_size * config.data.max_length * (2 if train.objective == "dpo" else 1)
+    tokens = train.batch_size * config.data.max_length * (2 if train.objective in PAIRWISE_OBJECTIVES else 1)
     return MemoryEstimate(
         {
             "weights": weights_bytes(config, arch) / shards / GIB,

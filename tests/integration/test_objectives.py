@@ -56,6 +56,34 @@ def test_dpo_run_registers_an_adapter_and_tracks_reward_margins(tmp_path, tiny_m
     assert [step for step, _ in margins] == list(range(1, 7))
 
 
+def test_reward_model_is_registered_with_its_held_out_accuracy_and_never_served_as_a_generator(
+    tmp_path, tiny_model_dir
+):
+    from finch.fingerprint import fingerprint_model_folder
+    from finch.serve.engine import AdapterRefused, check_servable
+
+    pairs = str(data_file("preference/orca_dpo_pairs_openai_format.jsonl"))
+    registry, stdout = run(
+        tmp_path,
+        tiny_model_dir,
+        "judge",
+        [pairs],
+        data={"max_length": 256, "eval_fraction": 0.1},
+        train={"objective": "reward", "max_steps": 6, "eval_steps": 3, "lr": 5e-3},
+    )
+    entry = resolve_entry(registry, "judge")
+    assert entry.kind == "adapter" and json.loads((entry.path / "adapter_config.json").read_text())["task_type"] == (
+        "SEQ_CLS"
+    )
+    assert 0.0 <= entry.manifest["metrics"]["eval_accuracy"] <= 1.0  # on the 10% of pairs held out
+    assert "finch: step 6/6" in stdout and "eval accuracy" in stdout
+    assert [step for step, _ in mlflow_history(tmp_path, "eval_accuracy")] == [0, 3, 6]
+    with pytest.raises(AdapterRefused, match="judge@v1 is a reward model: it scores answers"):
+        check_servable(entry, fingerprint_model_folder(tiny_model_dir), max_lora_rank=64)
+    chat = finch("chat", "--adapter", "judge", "--prompt", "hi", cwd=tmp_path)
+    assert chat.returncode != 0 and "judge@v1 is a reward model" in chat.stdout + chat.stderr
+
+
 def test_pretraining_trains_every_token_and_reports_perplexity(tmp_path, tiny_model_dir):
     # a slice of tinyshakespeare: blank-line separated speeches become documents
     text = data_file("pretrain/tinyshakespeare.txt").read_text().split("\n\n")[:300]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from finch.config import DataConfig
+from finch.config import PAIRWISE_OBJECTIVES, DataConfig
 from finch.data.formats import kind_of, normalize
 from finch.data.readers import DatasetError, iter_records
 from finch.data.tokenization import (
@@ -31,11 +31,15 @@ from finch.models.source import ModelSource
 from finch.models.tokenizer import load_tokenizer
 
 # The sample kinds (formats.kind_of) each training objective can use.
-OBJECTIVE_KINDS = {"sft": ("conversation", "text"), "pretrain": ("text",), "dpo": ("preference",)}
+OBJECTIVE_KINDS = {
+    "sft": ("conversation", "text"),
+    "pretrain": ("text",),
+    **{objective: ("preference",) for objective in PAIRWISE_OBJECTIVES},
+}
 ROW_COLUMNS = {
     "sft": ["input_ids", "labels"],
     "pretrain": ["input_ids", "labels"],
-    "dpo": ["prompt_ids", "chosen_ids", "rejected_ids"],
+    **{objective: ["prompt_ids", "chosen_ids", "rejected_ids"] for objective in PAIRWISE_OBJECTIVES},
 }
 # skipped: "" for a kept example, else a SKIP_LABELS key; skip_reason: "file:line: problem".
 STAT_COLUMNS = ["length", "truncated", "trainable", "source", "skipped", "skip_reason"]
@@ -125,7 +129,7 @@ def skipped_example(kind: str, reason: str, objective: str) -> dict[str, Any]:
 def sample_examples(sample: dict[str, Any], spec: ExampleSpec, tokenizer: Any) -> list[dict]:
     """One sample's training examples with their stats columns (a long pretraining text gives several)."""
     max_length = spec.data.max_length
-    if spec.objective == "dpo":
+    if spec.objective in PAIRWISE_OBJECTIVES:
         pair = tokenize_preference(sample, spec.template, tokenizer, max_length)
         check_fits(pair, spec.data)
         answer_length = max(len(pair.chosen_ids), len(pair.rejected_ids))

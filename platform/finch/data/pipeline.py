@@ -19,7 +19,7 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
-from finch.config import DataConfig
+from finch.config import PAIRWISE_OBJECTIVES, DataConfig
 from finch.data.examples import SKIP_LABELS, ExampleSpec, describe_skipped, read_file_rows, tokenize_batch
 from finch.data.packing import pack_examples
 from finch.data.readers import DatasetError, check_readable
@@ -125,7 +125,7 @@ def _with_answers(examples: ray.data.Dataset, files: list[str]) -> ray.data.Data
 
 def to_rows(examples: ray.data.Dataset, spec: ExampleSpec, pad_id: int) -> ray.data.Dataset:
     """Training rows: packed to max_length, or one example (or preference pair) per row, padded later per batch."""
-    if spec.objective == "dpo" or not spec.data.packing:
+    if spec.objective in PAIRWISE_OBJECTIVES or not spec.data.packing:
         return examples.select_columns(spec.columns).materialize()
     return examples.map_batches(
         _pack_batch,

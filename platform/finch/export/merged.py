@@ -50,6 +50,7 @@ def export_merged(
 ) -> Path:
     """Write `ref` merged into its base as a 16-bit model folder at `output`; returns the folder."""
     entry = resolve_entry(registry_dir, ref)
+    entry.check_generates("be exported as a language model")
     config = validate_config(entry.manifest["config"])
     dtype = dtype or default_export_dtype(entry)
     if dtype not in SIXTEEN_BIT:

@@ -38,12 +38,16 @@ def load_base_model(
     quantization: QLoraConfig | None = None,
     weightless: bool = False,
     device_map: str | None = None,
+    reward_head: bool = False,
 ) -> Any:
     """The base model from `folder`. `weightless`: built from its config, nothing read from the
     checkpoint and nothing written to its parameters (FSDP ranks after the first, see load_trainable_model).
-    `device_map` 'cpu' keeps a 4-bit model off a GPU (bitsandbytes loads onto the GPU when one is visible)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    `device_map` 'cpu' keeps a 4-bit model off a GPU (bitsandbytes loads onto the GPU when one is visible).
+    `reward_head`: a sequence classifier with one output, the reward, read at the last token (a new
+    head in place of the LM head)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
+    model_class = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
     extra: dict[str, Any] = {
         "dtype": torch_dtype(model_config.dtype, use_gpu),
         "trust_remote_code": model_config.trust_remote_code,
@@ -58,6 +62,8 @@ def load_base_model(
             bnb_4bit_use_double_quant=quantization.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype, use_gpu),
         )
+    if reward_head:
+        extra["num_labels"] = 1
     if model_config.dropout is not None:
         extra["config"] = config_with_dropout(folder, model_config)
     if weightless:
@@ -68,10 +74,10 @@ def load_base_model(
         )
         # Buffers stay real: the ones a checkpoint does not hold (rotary frequencies) are never broadcast.
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, **extra)
+            model = model_class.from_config(config, **extra)
         allocate_unwritten(model)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, device_map=device_map, **extra)
+        model = model_class.from_pretrained(folder, use_safetensors=True, device_map=device_map, **extra)
     # A KV cache during training would also disable the packed-sequence attention mask.
     model.config.use_cache = False
     return model
@@ -136,19 +142,23 @@ def load_trainable_model(config: RunConfig, folder: str, rank: int = 0) -> Any:
     from finch.precision import resolved_here
 
     config = resolved_here(config)
+    reward_head = config.train.objective == "reward"
     if config.train.method == "full":
         weightless = config.scale.strategy == "fsdp" and rank > 0
-        model = load_base_model(config.model, folder, config.scale.use_gpu, weightless=weightless)
+        model = load_base_model(
+            config.model, folder, config.scale.use_gpu, weightless=weightless, reward_head=reward_head
+        )
         model.train()
         return model
     quantization = config.qlora if config.train.method == "qlora" else None
-    model = load_base_model(config.model, folder, config.scale.use_gpu, quantization)
+    model = load_base_model(config.model, folder, config.scale.use_gpu, quantization, reward_head=reward_head)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
         keep_cpu_4bit_weights_trainable(model)
-    model = apply_lora(model, config.lora)
+    # A reward model's new head trains whole, beside the adapters (PEFT's SEQ_CLS task saves it too).
+    model = apply_lora(model, config.lora, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")
     model.train()
     return model
 
@@ -186,12 +196,12 @@ def keep_cpu_4bit_weights_trainable(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_lora(model: Any, lora: LoraConfig) -> Any:
+def apply_lora(model: Any, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     peft_config = PeftLoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,

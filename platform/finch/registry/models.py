@@ -45,6 +45,10 @@ def resolve_served_model(model: ModelConfig, registry_dir: str | Path) -> tuple[
         raise ConfigError(
             f"model.path {model.path!r}: {err} (`finch registry list --registry {registry_dir}` lists its entries)"
         ) from None
+    try:
+        entry.check_generates("be served")
+    except RegistryError as err:
+        raise ConfigError(f"model.path {model.path!r}: {err}") from None
     if entry.kind != "model":
         raise ConfigError(
             f"model.path {model.path!r}: {entry.ref} is a LoRA adapter, not a fully fine-tuned model: serve its base model "

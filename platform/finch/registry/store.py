@@ -48,6 +48,14 @@ class RegistryEntry:
     def kind(self) -> str:
         return self.manifest.get("kind", "adapter")
 
+    def check_generates(self, purpose: str) -> None:
+        """Refuse a reward model (train.objective reward) where text would be generated: it scores
+        answers and has no LM head. `purpose`: what was asked of it, for the message."""
+        if self.manifest.get("config", {}).get("train", {}).get("objective") == "reward":
+            raise RegistryError(
+                f"{self.ref} is a reward model: it scores answers and does not generate text, so it cannot {purpose}"
+            )
+
     @property
     def system_prompt(self) -> str | None:
         """The data.system_prompt the entry was trained with."""

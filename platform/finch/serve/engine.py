@@ -311,6 +311,10 @@ class ServingEngine:
 
 def check_servable(entry: RegistryEntry, base_fingerprint: str, max_lora_rank: int) -> None:
     """Refuse (AdapterRefused, saying why) a registry entry vLLM cannot serve on this base model."""
+    try:
+        entry.check_generates("be served")
+    except RegistryError as err:
+        raise AdapterRefused(str(err)) from None
     if entry.kind != "adapter":
         raise AdapterRefused(f"{entry.ref} is a fully fine-tuned model, not an adapter: serve it as its own base")
     if entry.manifest.get("base_model", {}).get("fingerprint") != base_fingerprint:

@@ -13,23 +13,34 @@ the answer tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from finch.config import RunConfig
 from finch.models.loading import load_base_model
 from finch.train.arguments import hf_arguments
-from finch.train.mixins import DdpGradientsInBuckets, FsdpOrRefuse, LayerwiseLrDecay, PeakMemoryLogging
-from finch.train.rows import iterate
+from finch.train.mixins import (
+    DdpGradientsInBuckets,
+    Fp32AdaptersOn4Bit,
+    FsdpOrRefuse,
+    LayerwiseLrDecay,
+    PeakMemoryLogging,
+    PretokenizedRows,
+)
+from finch.train.rows import arrow_dataset
 
 
-class PretokenizedDPOTrainer(FsdpOrRefuse, DdpGradientsInBuckets, PeakMemoryLogging, LayerwiseLrDecay, DPOTrainer):
-    """Rows arrive as prompt_ids/chosen_ids/rejected_ids, rendered by finch's templates exactly
-    like SFT data and inference prompts; TRL's own preparation would re-render them from text."""
+class PretokenizedDPOTrainer(
+    FsdpOrRefuse,
+    DdpGradientsInBuckets,
+    PeakMemoryLogging,
+    LayerwiseLrDecay,
+    PretokenizedRows,
+    Fp32AdaptersOn4Bit,
+    DPOTrainer,
+):
+    """DPO on rows of prompt_ids/chosen_ids/rejected_ids."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -39,15 +50,6 @@ class PretokenizedDPOTrainer(FsdpOrRefuse, DdpGradientsInBuckets, PeakMemoryLogg
             # only the "ref" subfolder of a checkpoint and leaves the trained adapter at its init.
             self.model.delete_adapter("ref")
             self.model.set_adapter("default")
-        if getattr(self.model, "is_loaded_in_4bit", False):
-            # TRL casts QLoRA adapters to bf16; finch keeps them fp32 as in QLoRA SFT, since small
-            # DPO-sized updates are lost to bf16 rounding.
-            for param in self.model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset
 
 
 def dpo_arguments(config: RunConfig, output_dir: str) -> DPOConfig:
@@ -72,12 +74,4 @@ def build_dpo_trainer(config: RunConfig, model: Any, tokenizer: Any, args: DPOCo
         train_dataset=arrow_dataset(train_rows, args.output_dir),
         eval_dataset=arrow_dataset(eval_rows, args.output_dir) if eval_rows is not None else None,
         processing_class=tokenizer,
-    )
-
-
-def arrow_dataset(rows: Sequence[dict[str, Any]], scratch: str) -> Dataset:
-    """The rows as an HF dataset, the only kind TRL takes: written to an Arrow file in `scratch` a
-    batch at a time and memory-mapped, never a whole copy in memory."""
-    return Dataset.from_generator(
-        iterate, gen_kwargs={"rows": rows}, cache_dir=str(Path(scratch) / "arrow"), keep_in_memory=False
     )

@@ -136,3 +136,23 @@ class LabelledPositionsLoss:
         if counted is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+
+class PretokenizedRows:
+    """TRL trainer mixin: rows arrive tokenized by finch's templates (data/examples.py), exactly like
+    SFT data and inference prompts; TRL's own preparation would render them again from text."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+class Fp32AdaptersOn4Bit:
+    """TRL trainer mixin: TRL casts QLoRA's trainable parameters to bf16; finch keeps them fp32, as in
+    QLoRA SFT, since small preference-sized updates are lost to bf16 rounding."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if getattr(self.model, "is_loaded_in_4bit", False):
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()

@@ -1,4 +1,5 @@
-"""The loss curve PNG written into every run folder and registry entry (plus reward margins for DPO)."""
+"""The loss curve PNG written into every run folder and registry entry (plus reward margins for DPO,
+and pair accuracy for reward models)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> Path
     panels = [("loss", ("loss", "eval_loss"))]
     if series(log_history, "rewards/margins"):
         panels.append(("reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")))
+    if series(log_history, "accuracy"):
+        panels.append(("accuracy (chosen scored higher)", ("accuracy", "eval_accuracy")))
     figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
     for axis, (ylabel, (train_key, eval_key)) in zip(axes[0], panels):
         if train := series(log_history, train_key):

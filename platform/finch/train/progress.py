@@ -25,6 +25,8 @@ SHOWN = (
     ("eval_perplexity", "eval ppl"),
     ("rewards/margins", "margin"),
     ("eval_rewards/margins", "eval margin"),
+    ("accuracy", "accuracy"),  # reward models: pairs whose chosen answer scores higher
+    ("eval_accuracy", "eval accuracy"),
     ("learning_rate", "lr"),
     ("grad_norm", "grad norm"),
     ("train_loss", "mean train loss"),

@@ -29,10 +29,15 @@ from finch.train.mixins import (
 
 def training_arguments(config: RunConfig, output_dir: str) -> TrainingArguments:
     config = resolved_here(config)
+    # TRL is imported for the objectives that use it only.
     if config.train.objective == "dpo":
-        from finch.train.dpo import dpo_arguments  # TRL is imported for DPO runs only
+        from finch.train.dpo import dpo_arguments
 
         return dpo_arguments(config, output_dir)
+    if config.train.objective == "reward":
+        from finch.train.reward import reward_arguments
+
+        return reward_arguments(config, output_dir)
     return TrainingArguments(**hf_arguments(config, output_dir))
 
 
@@ -61,6 +66,10 @@ def build_trainer(
         from finch.train.dpo import build_dpo_trainer
 
         trainer = build_dpo_trainer(config, model, tokenizer, args, train_rows, eval_rows)
+    elif config.train.objective == "reward":
+        from finch.train.reward import build_reward_trainer
+
+        trainer = build_reward_trainer(config, model, tokenizer, args, train_rows, eval_rows)
     else:
         trainer = FinchTrainer(
             model=model,
@@ -71,6 +80,7 @@ def build_trainer(
         )
     trainer.layer_lr_decay = config.train.layer_lr_decay
     # FSDP shards the head's weight outside the model's forward, where the labelled head would run.
-    if config.train.objective != "dpo" and config.scale.strategy != "fsdp" and supports_labelled_head(model):
+    generative = config.train.objective in ("sft", "pretrain")
+    if generative and config.scale.strategy != "fsdp" and supports_labelled_head(model):
         trainer.labelled_head = LabelledHead(model)
     return trainer
