@@ -32,7 +32,10 @@ def preference_rows(count: int, max_length: int) -> list[dict]:
     return rows
 
 
-def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 1000, output: str = "hf", **sections):
+def pairwise_trainer(
+    tmp_path, model_dir, objective: str, method: str, steps: int, save_steps: int = 1000, output: str = "hf", **sections
+):
+    """A trainer of `objective` (dpo, reward) on 12 real pairs, 4 more held out for eval."""
     config = validate_config(
         run_config_dict(
             tmp_path,
@@ -40,7 +43,7 @@ def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 
             ["unused.jsonl"],
             data={"eval_fraction": 0.25, "max_length": 256},
             train={
-                "objective": "dpo",
+                "objective": objective,
                 "method": method,
                 "max_steps": steps,
                 "lr": 5e-3,
@@ -48,7 +51,6 @@ def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 
                 "eval_steps": steps,
                 "save_steps": save_steps,
             },
-            dpo={"beta": 0.1},
             **sections,
         )
     )
@@ -56,6 +58,12 @@ def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 
     torch.manual_seed(0)
     model = load_trainable_model(config, str(model_dir))
     return build_trainer(config, model, make_tokenizer(), rows[:12], rows[12:], str(tmp_path / output))
+
+
+def dpo_trainer(tmp_path, model_dir, method: str, steps: int, save_steps: int = 1000, output: str = "hf", **sections):
+    return pairwise_trainer(
+        tmp_path, model_dir, "dpo", method, steps, save_steps, output, dpo={"beta": 0.1}, **sections
+    )
 
 
 def dpo_history(tmp_path, model_dir, method: str, steps: int) -> list[dict]:

@@ -12,36 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finch.config import validate_config
-from finch.models.loading import load_trainable_model
 from finch.train.reward import whole_answers
-from finch.train.trainers import build_trainer
-from tests.conftest import make_tokenizer, run_config_dict
-from tests.unit.test_dpo import preference_rows
-
-
-def reward_trainer(tmp_path, model_dir, method: str, steps: int, **sections):
-    config = validate_config(
-        run_config_dict(
-            tmp_path,
-            model_dir,
-            ["unused.jsonl"],
-            data={"eval_fraction": 0.25, "max_length": 256},
-            train={
-                "objective": "reward",
-                "method": method,
-                "max_steps": steps,
-                "lr": 5e-3,
-                "batch_size": 4,
-                "eval_steps": steps,
-            },
-            **sections,
-        )
-    )
-    rows = preference_rows(16, max_length=256)
-    torch.manual_seed(0)
-    model = load_trainable_model(config, str(model_dir))
-    return build_trainer(config, model, make_tokenizer(), rows[:12], rows[12:], str(tmp_path / "out"))
+from tests.unit.test_dpo import pairwise_trainer, preference_rows
 
 
 def reward_alone(model, ids) -> torch.Tensor:
@@ -60,7 +32,7 @@ def rewards_one_by_one(model, rows: list[dict]) -> tuple[torch.Tensor, torch.Ten
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_reward_loss_is_bradley_terry_on_each_answers_last_token(tmp_path, tiny_model_dir, method):
-    trainer = reward_trainer(tmp_path, tiny_model_dir, method, steps=1, qlora={"compute_dtype": "float32"})
+    trainer = pairwise_trainer(tmp_path, tiny_model_dir, "reward", method, steps=1, qlora={"compute_dtype": "float32"})
     model = trainer.model.train()
     assert model.config.num_labels == 1
     if method != "full":  # the head is new: it trains whole beside the adapters
@@ -80,7 +52,7 @@ def test_reward_loss_is_bradley_terry_on_each_answers_last_token(tmp_path, tiny_
 def test_training_ranks_the_chosen_answers_first_and_the_adapter_keeps_its_head(tmp_path, tiny_model_dir):
     from peft import AutoPeftModelForSequenceClassification
 
-    trainer = reward_trainer(tmp_path, tiny_model_dir, "lora", steps=12)
+    trainer = pairwise_trainer(tmp_path, tiny_model_dir, "reward", "lora", steps=12)
     trainer.train()
     history = trainer.state.log_history
     evals = [entry for entry in history if "eval_accuracy" in entry]

@@ -20,26 +20,11 @@ from trl import DPOConfig, DPOTrainer
 from finch.config import RunConfig
 from finch.models.loading import load_base_model
 from finch.train.arguments import hf_arguments
-from finch.train.mixins import (
-    DdpGradientsInBuckets,
-    Fp32AdaptersOn4Bit,
-    FsdpOrRefuse,
-    LayerwiseLrDecay,
-    PeakMemoryLogging,
-    PretokenizedRows,
-)
+from finch.train.mixins import PretokenizedTrlTrainer
 from finch.train.rows import arrow_dataset
 
 
-class PretokenizedDPOTrainer(
-    FsdpOrRefuse,
-    DdpGradientsInBuckets,
-    PeakMemoryLogging,
-    LayerwiseLrDecay,
-    PretokenizedRows,
-    Fp32AdaptersOn4Bit,
-    DPOTrainer,
-):
+class PretokenizedDPOTrainer(PretokenizedTrlTrainer, DPOTrainer):
     """DPO on rows of prompt_ids/chosen_ids/rejected_ids."""
 
     def __init__(self, *args, **kwargs):

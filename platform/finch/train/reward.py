@@ -16,26 +16,11 @@ from trl import RewardConfig, RewardTrainer
 
 from finch.config import RunConfig
 from finch.train.arguments import hf_arguments
-from finch.train.mixins import (
-    DdpGradientsInBuckets,
-    Fp32AdaptersOn4Bit,
-    FsdpOrRefuse,
-    LayerwiseLrDecay,
-    PeakMemoryLogging,
-    PretokenizedRows,
-)
+from finch.train.mixins import PretokenizedTrlTrainer
 from finch.train.rows import Row, arrow_dataset
 
 
-class PretokenizedRewardTrainer(
-    FsdpOrRefuse,
-    DdpGradientsInBuckets,
-    PeakMemoryLogging,
-    LayerwiseLrDecay,
-    PretokenizedRows,
-    Fp32AdaptersOn4Bit,
-    RewardTrainer,
-):
+class PretokenizedRewardTrainer(PretokenizedTrlTrainer, RewardTrainer):
     """RewardTrainer on rows of chosen_ids/rejected_ids, each a whole prompt + answer."""
 
 
