@@ -137,3 +137,35 @@ def test_a_dora_run_with_eval_tasks_is_refused_before_training(tmp_path, tiny_mo
     task = {"name": "t", "data": {"files": ["unused.jsonl"]}, "metrics": ["exact_match"]}
     with pytest.raises(ConfigError, match="lora.use_dora with train.eval_tasks: .*finch export tiny"):
         announce_dora(dora_run(tmp_path, tiny_model_dir, eval_tasks=[task]))
+
+
+def test_reward_models_are_refused_wherever_text_would_be_generated(tmp_path, tiny_model_dir):
+    """A reward model (train.objective reward) scores answers; serving it, by name or as the base
+    model, and evaluating it on generated answers are refused by name, adapter or full model."""
+    from finch.config import EvalConfig
+    from finch.eval.targets import engine_groups
+    from finch.serve.engine import AdapterRefused
+
+    registry = tmp_path / "registry"
+    reward = {"config": {"train": {"objective": "reward"}}}
+    adapter = register_fake_adapter(registry, "rm", tiny_model_dir, tmp_path)
+    adapter = publish(registry, "rm", {f.name: f for f in adapter.path.iterdir()}, {**adapter.manifest, **reward})
+    full = register_full_model(registry, "rmfull", tiny_model_dir, tiny_model_dir)
+    full = publish(registry, "rmfull", {f.name: f for f in full.path.iterdir()}, {**full.manifest, **reward}, "model")
+    refusal = "is a reward model: it scores answers and does not generate text"
+    with pytest.raises(AdapterRefused, match=f"rm@v2 {refusal}, so it cannot be served"):
+        check_servable(adapter, fingerprint_model_folder(tiny_model_dir), max_lora_rank=64)
+    with pytest.raises(ConfigError, match=f"model.path 'registry:rmfull': rmfull@v2 {refusal}"):
+        served("registry:rmfull", registry)
+    for entry in (adapter, full):
+        evaluation = EvalConfig.model_validate(
+            {
+                "name": "rm-eval",
+                "models": [entry.ref],
+                "registry_dir": str(registry),
+                "data": {"files": ["x.jsonl"]},
+                "metrics": ["exact_match"],
+            }
+        )
+        with pytest.raises(RegistryError, match=f"{entry.ref} {refusal}, so it cannot be evaluated"):
+            engine_groups(evaluation)

@@ -63,6 +63,8 @@ class EngineGroup:
 
 def engine_groups(config: EvalConfig) -> list[EngineGroup]:
     entries = {ref: resolve_entry(config.registry_dir, ref) for ref in dict.fromkeys(config.models) if ref != BASE}
+    for entry in entries.values():
+        entry.check_generates("be evaluated on generated answers")
     adapters = [e for e in entries.values() if e.kind == "adapter"]
     groups = []
     if BASE in config.models or adapters:
