@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from finch.config import validate_config
 from finch.data.templates import with_system_prompt
@@ -120,6 +121,6 @@ class ChatSession:
         table = Table(title=f"prompt: {prompt}", show_lines=True, expand=True)
         for name in answers:
             table.add_column(name, overflow="fold")
-        table.add_row(*answers.values())
+        table.add_row(*(Text(answer) for answer in answers.values()))  # answers are text, never rich markup
         console.print(table)
         return answers

@@ -59,7 +59,7 @@ def train(
         Path | None, typer.Option(help="Continue this run folder (e.g. runs/NAME) from its last checkpoint.")
     ] = None,
 ) -> None:
-    """Fine-tune (full, LoRA, QLoRA; SFT, pre-training, DPO) on Ray Train and register the result."""
+    """Fine-tune (full, LoRA, QLoRA; SFT, pre-training, DPO, reward models) on Ray Train and register the result."""
     try:
         from finch.train.run import load_run_config
         from finch.train.run import train as run_training

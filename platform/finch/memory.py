@@ -94,7 +94,7 @@ def training_memory(config: RunConfig, model_folder: str) -> MemoryEstimate:
     """Per training worker, for `config` with its types resolved for the workers' device."""
     from finch.models.loading import meta_base_model, trainable_parameter_count
 
-    arch = Architecture.of(meta_base_model(config.model, model_folder))
+    arch = Architecture.of(meta_base_model(config.model, model_folder, config.train.objective == "reward"))
     return estimate_training(config, arch, trainable_parameter_count(config, model_folder))
 
 
@@ -146,6 +146,8 @@ def loss_bytes(config: RunConfig, arch: Architecture, tokens: int) -> float:
     """Logits alive at once, fp32, with their gradient (x 2)."""
     from finch.train.loss import CHUNK_ELEMENTS
 
+    if config.train.objective == "reward":
+        return 0.0  # one output per sequence
     if config.scale.strategy == "fsdp":
         # The model's own loss over every position: its bf16 logits, their fp32 copy and gradient.
         return tokens * arch.vocab * (2 + 4 + 4)

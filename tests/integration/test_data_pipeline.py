@@ -13,7 +13,7 @@ from tests.conftest import data_file, model_source, write_jsonl
 
 pytestmark = pytest.mark.integration
 
-SHARED_SFT = [
+SFT_FILES = [
     "sft/identity.json",
     "sft/gsm8k_chat_train.jsonl",
     "sft/glaive_toolcall_en_demo.json",
@@ -24,7 +24,7 @@ SHARED_SFT = [
 
 
 def test_every_format_packs_densely(ray_local, tiny_model_dir):
-    files = [str(data_file(name)) for name in SHARED_SFT]
+    files = [str(data_file(name)) for name in SFT_FILES]
     prepared = prepare_datasets(DataConfig(train_files=files, max_length=256), model_source(tiny_model_dir))
     stats = prepared.stats
     assert prepared.template == "chat"

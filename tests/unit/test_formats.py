@@ -147,7 +147,7 @@ def test_bad_rows_name_source_and_field(record, fmt, field):
     assert field in str(err.value)
 
 
-def test_detect_format_of_each_shared_dataset():
+def test_detect_format_of_each_dataset_in_tests_data():
     expected = {
         "sft/identity.json": "alpaca",
         "sft/gsm8k_chat_train.jsonl": "messages",

@@ -68,3 +68,16 @@ def test_training_ranks_the_chosen_answers_first_and_the_adapter_keeps_its_head(
     rows = preference_rows(16, 256)[:4]
     with torch.no_grad():
         torch.testing.assert_close(rewards_one_by_one(loaded, rows), rewards_one_by_one(trainer.model.eval(), rows))
+
+
+def test_a_reward_head_has_one_output_on_every_loading_path(tiny_model_dir):
+    """With model.dropout (a changed config) and weightless (FSDP ranks after the first) too."""
+    from finch.config import ModelConfig
+    from finch.models.loading import load_base_model
+
+    folder = str(tiny_model_dir)
+    dropped = load_base_model(ModelConfig(path=folder, dropout=0.2), folder, reward_head=True)
+    weightless = load_base_model(ModelConfig(path=folder), folder, weightless=True, reward_head=True)
+    for model in (dropped, weightless):
+        assert model.config.num_labels == 1 and model.score.out_features == 1
+    assert dropped.config.attention_dropout == 0.2

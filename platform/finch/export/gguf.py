@@ -44,6 +44,7 @@ def export_gguf(
     """Write `ref`, merged into its base, as one GGUF file at `output`; returns the file."""
     if quantization not in GGUF_TYPES:
         raise ValueError(f"GGUF type {quantization!r}: choose one of {', '.join(GGUF_TYPES)}")
+    resolve_entry(registry_dir, ref).check_generates("be exported as a language model")  # before the converter
     output = Path(output).resolve()
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")

@@ -45,9 +45,8 @@ def load_base_model(
     `device_map` 'cpu' keeps a 4-bit model off a GPU (bitsandbytes loads onto the GPU when one is visible).
     `reward_head`: a sequence classifier with one output, the reward, read at the last token (a new
     head in place of the LM head)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
-    model_class = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
     extra: dict[str, Any] = {
         "dtype": torch_dtype(model_config.dtype, use_gpu),
         "trust_remote_code": model_config.trust_remote_code,
@@ -62,22 +61,18 @@ def load_base_model(
             bnb_4bit_use_double_quant=quantization.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype, use_gpu),
         )
-    if reward_head:
-        extra["num_labels"] = 1
-    if model_config.dropout is not None:
-        extra["config"] = config_with_dropout(folder, model_config)
+    config = model_settings(folder, model_config, reward_head)
     if weightless:
         from accelerate import init_empty_weights
 
-        config = extra.pop("config", None) or AutoConfig.from_pretrained(
-            folder, trust_remote_code=model_config.trust_remote_code
-        )
         # Buffers stay real: the ones a checkpoint does not hold (rotary frequencies) are never broadcast.
         with init_empty_weights(include_buffers=False):
-            model = model_class.from_config(config, **extra)
+            model = model_class(reward_head).from_config(config, **extra)
         allocate_unwritten(model)
     else:
-        model = model_class.from_pretrained(folder, use_safetensors=True, device_map=device_map, **extra)
+        model = model_class(reward_head).from_pretrained(
+            folder, config=config, use_safetensors=True, device_map=device_map, **extra
+        )
     # A KV cache during training would also disable the packed-sequence attention mask.
     model.config.use_cache = False
     return model
@@ -115,19 +110,34 @@ def attention_implementation(model_config: ModelConfig, use_gpu: bool) -> str | 
     return None
 
 
-def config_with_dropout(folder: str, model_config: ModelConfig) -> Any:
-    """The model's config with every dropout rate it has set to `model.dropout`."""
+def model_class(reward_head: bool) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
+
+
+def model_settings(folder: str, model_config: ModelConfig, reward_head: bool = False) -> Any:
+    """The model's transformers config with finch's changes: `model.dropout`, and one output (the
+    reward) for a reward head. transformers takes num_labels on the config only, not as an argument."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=model_config.trust_remote_code)
+    if model_config.dropout is not None:
+        set_dropout(config, model_config.dropout)
+    if reward_head:
+        config.num_labels = 1
+    return config
+
+
+def set_dropout(config: Any, dropout: float) -> None:
+    """Every dropout rate the config has, set to `dropout`."""
     # Multimodal configs (Gemma 3) keep the language model's settings in a sub-config.
     targets = {id(c): c for c in (config, config.get_text_config())}.values()
     found = [(c, name) for c in targets for name in DROPOUT_ATTRIBUTES if hasattr(c, name)]
     if not found:
         raise ConfigError(f"model.dropout: {type(config).__name__} has no dropout setting to override")
     for target, name in found:
-        setattr(target, name, model_config.dropout)
-    return config
+        setattr(target, name, dropout)
 
 
 def load_trainable_model(config: RunConfig, folder: str, rank: int = 0) -> Any:
@@ -163,21 +173,20 @@ def load_trainable_model(config: RunConfig, folder: str, rank: int = 0) -> Any:
     return model
 
 
-def meta_base_model(model_config: ModelConfig, folder: str) -> Any:
+def meta_base_model(model_config: ModelConfig, folder: str, reward_head: bool = False) -> Any:
     """The base model's architecture without weights (meta device): for counting, nothing is read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=model_config.trust_remote_code)
+    config = model_settings(folder, model_config, reward_head)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_config.trust_remote_code)
+        return model_class(reward_head).from_config(config, trust_remote_code=model_config.trust_remote_code)
 
 
 def trainable_parameter_count(config: RunConfig, folder: str) -> int:
     """What a training worker will train, counted on a weightless (meta-device) copy of the model."""
-    model = meta_base_model(config.model, folder)
+    reward_head = config.train.objective == "reward"
+    model = meta_base_model(config.model, folder, reward_head)
     if config.train.method != "full":
         with torch.device("meta"):
-            model = apply_lora(model, config.lora)
+            model = apply_lora(model, config.lora, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

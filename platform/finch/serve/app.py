@@ -21,7 +21,7 @@ from finch.memory import serving_memory
 from finch.models.source import ModelSource
 from finch.precision import Device, device_of_workers
 from finch.registry.models import resolve_served_model
-from finch.registry.store import RegistryEntry, resolve_entry
+from finch.registry.store import RegistryEntry, RegistryError, resolve_entry
 from finch.runtime import cache_root
 from finch.serve.directory import ReplicaAdapters, open_directory, remove_directory
 from finch.serve.metrics import scrape_urls
@@ -142,6 +142,11 @@ def build_application(config: ServeConfig, model: ModelSource, base_entry: Regis
     )
     # Resolved here, once: every replica loads the same versions, and a missing adapter fails now.
     entries = [resolve_entry(config.registry_dir, ref) for ref in config.adapters]
+    for entry in entries:
+        try:
+            entry.check_generates("be served")
+        except RegistryError as err:
+            raise ConfigError(f"adapters: {err}") from None
     initial_adapters = {entry.name: entry.ref for entry in entries}
     return deployment.bind(config.model_dump(mode="json"), model, base_entry, initial_adapters, api_key)
 

@@ -1,5 +1,5 @@
 """finch's hyperparameters -> Hugging Face `TrainingArguments` names: the one place that maps them,
-for the HF Trainer (SFT, pre-training) and TRL's DPOConfig alike."""
+for the HF Trainer (SFT, pre-training) and TRL's DPOConfig and RewardConfig alike."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Trainer mixins that finch adds to the HF Trainer and to TRL's DPOTrainer: each changes one
-behaviour where HF offers no setting for it."""
+"""Trainer mixins that finch adds to the HF Trainer and to TRL's trainers (DPO, reward models):
+each changes one behaviour where HF offers no setting for it."""
 
 from __future__ import annotations
 

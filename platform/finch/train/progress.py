@@ -25,8 +25,10 @@ SHOWN = (
     ("eval_perplexity", "eval ppl"),
     ("rewards/margins", "margin"),
     ("eval_rewards/margins", "eval margin"),
-    ("accuracy", "accuracy"),  # reward models: pairs whose chosen answer scores higher
+    ("accuracy", "accuracy"),  # reward models: pairs whose chosen answer scores higher, and by how much
     ("eval_accuracy", "eval accuracy"),
+    ("margin", "margin"),
+    ("eval_margin", "eval margin"),
     ("learning_rate", "lr"),
     ("grad_norm", "grad norm"),
     ("train_loss", "mean train loss"),

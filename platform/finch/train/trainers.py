@@ -1,7 +1,8 @@
 """The HF trainer a worker runs, built from the run config.
 
 SFT and pre-training use the HF `Trainer` on rows that Ray Data already tokenized, masked and
-packed (TRL's SFTTrainer would only redo that work); DPO uses TRL (train/dpo.py). Arguments come
+packed (TRL's SFTTrainer would only redo that work); DPO and reward models use TRL (train/dpo.py,
+train/reward.py). Arguments come
 from train/arguments.py, finch's changes to the trainers' behaviour from train/mixins.py.
 """
 

@@ -153,7 +153,7 @@ def ranking_task(config: SweepConfig, base: RunConfig) -> EvalTaskConfig:
         offered = [f"{t.name}/{m.key}" for t in tasks.values() for m in t.metrics]
         raise ConfigError(
             f"metric {config.metric!r} is not a task metric of {config.run}'s train.eval_tasks; "
-            f"choose eval_loss or one of: {', '.join(offered) or '(none: add train.eval_tasks)'}"
+            f"choose eval_loss or one of: {', '.join(offered) or '(none: the run has no train.eval_tasks)'}"
         )
     if base.train.method == "full":
         raise ConfigError(
