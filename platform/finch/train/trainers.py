@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from finch.config import RunConfig
+from finch.config import PAIRWISE_OBJECTIVES, RunConfig
 from finch.precision import resolved_here
 from finch.train.arguments import hf_arguments
 from finch.train.collate import RowCollator
@@ -81,7 +81,7 @@ def build_trainer(
         )
     trainer.layer_lr_decay = config.train.layer_lr_decay
     # FSDP shards the head's weight outside the model's forward, where the labelled head would run.
-    generative = config.train.objective in ("sft", "pretrain")
-    if generative and config.scale.strategy != "fsdp" and supports_labelled_head(model):
+    next_token = config.train.objective not in PAIRWISE_OBJECTIVES  # TRL computes the pairwise losses
+    if next_token and config.scale.strategy != "fsdp" and supports_labelled_head(model):
         trainer.labelled_head = LabelledHead(model)
     return trainer
