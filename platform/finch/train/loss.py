@@ -5,8 +5,13 @@ which for Gemma's 262k vocabulary are most of the model's FLOPs and memory (2,04
 fp32 logits, and as much again for their gradient). In SFT most positions carry no label (the
 prompt), and none needs its logits held all at once. So the model runs with `logits_to_keep` set to
 no position, its final hidden states are caught on the way out of the backbone, and the head runs
-here on the labelled positions only, a chunk at a time. When there is more than one chunk, each is
-recomputed in backward (activation checkpointing) so at most one chunk of logits is alive.
+here on the labelled positions only, a chunk at a time.
+
+A plain linear head (every causal LM finch has met) goes through HeadCrossEntropy, which computes
+each chunk's loss and gradients together in the forward pass and keeps only the gradients: one
+chunk of logits alive, the head's weight gradient summed in one buffer, no recomputation. Any other
+head (a LoRA-wrapped lm_head) is called as a module, each chunk recomputed in backward (activation
+checkpointing), which also keeps one chunk alive but holds a weight gradient per chunk.
 
 TRL's SFTTrainer has a fused LM head of its own, but it is tied to TRL's trainer and, off Triton
 devices, scores every position; finch trains with the HF Trainer on rows it already tokenized.
@@ -24,8 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from finch.data.tokenization import IGNORE_INDEX
 
-# Logit elements per chunk (2^26 fp32 = 256 MiB): 256 positions at a 262k vocabulary, 2,048 at 32k.
-CHUNK_ELEMENTS = 2**26
+# Logit elements per chunk (2^24 fp32 = 64 MiB): 64 positions at a 262k vocabulary, 512 at 32k.
+CHUNK_ELEMENTS = 2**24
 NO_POSITIONS = torch.empty(0, dtype=torch.long)
 
 
@@ -91,6 +96,61 @@ def final_hidden_states(backbone: torch.nn.Module) -> Iterator[dict[str, torch.T
         handle.remove()
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of a linear head's (scaled, soft-capped) logits, its gradients computed
+    chunk by chunk in forward; backward only scales them. Like Liger's fused linear cross-entropy,
+    without a Triton kernel: plain torch, so the same on CPU and GPU.
+
+    The matmuls run in the autocast dtype when autocast is on (as nn.Linear would), the softmax in
+    fp32; the weight gradient is summed over chunks in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale: float, softcap: float | None, chunk: int):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        with torch.autocast(device, enabled=False):
+            x, w = hidden.to(dtype), weight.to(dtype)
+            grad_hidden = torch.empty_like(x) if want_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            rows_per_slice = max(1, CHUNK_ELEMENTS // w.shape[1])
+            for start in range(0, len(targets), chunk):
+                piece = slice(start, start + chunk)
+                picked = torch.arange(len(targets[piece]), device=hidden.device), targets[piece]
+                logits = (x[piece] @ w.T).float().mul_(scale)
+                tanh = logits.div_(softcap).tanh_() if softcap else None
+                logits = tanh * softcap if softcap else logits
+                log_norm = torch.logsumexp(logits, dim=-1)
+                total += (log_norm - logits[picked]).sum()
+                if not (want_hidden or want_weight):
+                    continue
+                grad = logits.sub_(log_norm.unsqueeze(1)).exp_()  # softmax, in place
+                grad[picked] -= 1
+                if softcap:  # d(softcap * tanh(z / softcap))/dz = 1 - tanh^2
+                    grad.mul_(tanh.square_().neg_().add_(1))
+                grad = grad.mul_(scale).to(dtype)
+                if want_hidden:
+                    grad_hidden[piece] = grad @ w
+                if want_weight:  # by rows of the vocabulary: no [vocabulary x hidden] temporary
+                    for row in range(0, len(w), rows_per_slice):
+                        grad_weight[row : row + rows_per_slice] += grad[:, row : row + rows_per_slice].T @ x[piece]
+        # Held on ctx, not saved: autograd can hand the weight gradient on as .grad without a copy.
+        ctx.grads = grad_hidden, grad_weight
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_total).to(hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
 def labelled_nll_sum(head: LabelledHead, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sum of next-token negative log-likelihoods over positions whose next token has a label, and
     how many there are. hidden: [batch, seq, hidden]; labels: [batch, seq] (unshifted, -100 = none)."""
@@ -100,6 +160,9 @@ def labelled_nll_sum(head: LabelledHead, hidden: torch.Tensor, labels: torch.Ten
     count = targets.numel()
     if count == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph: a micro-batch without labels adds zero gradient
+    if type(head.module) is torch.nn.Linear and head.module.bias is None:
+        total = HeadCrossEntropy.apply(chosen, head.module.weight, targets, head.scale, head.softcap, head.chunk)
+        return total, count
     if count <= head.chunk:
         return head.summed_nll(chosen, targets), count
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -1,8 +1,9 @@
 """Trainer mixins that finch adds to the HF Trainer and to TRL's trainers (DPO, reward models):
-each changes one behaviour where HF offers no setting for it."""
+each changes one behaviour where HF offers no setting for it; and one callback."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import re
 import resource
@@ -10,6 +11,7 @@ import sys
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from finch.train.loss import LabelledHead, next_token_loss
 
@@ -162,3 +164,18 @@ class PretokenizedTrlTrainer(
     FsdpOrRefuse, DdpGradientsInBuckets, PeakMemoryLogging, LayerwiseLrDecay, PretokenizedRows, Fp32AdaptersOn4Bit
 ):
     """What finch changes in every TRL trainer it uses (DPO, reward models): put it before the TRL class."""
+
+
+class ReturnFreedMemory(TrainerCallback):
+    """After each optimizer step, hands the free pages of the C heap back to the OS (glibc's
+    malloc_trim). glibc keeps freed blocks under its mmap threshold (which grows to 32 MiB, the size
+    of most per-layer tensors) in its arenas for reuse, fragmented: measured on Gemma 3 270M full
+    fine-tuning, a worker held 7.3 GiB between steps for 4 GiB of live tensors. Trimming costs no
+    measurable time; without glibc (macOS) it does nothing."""
+
+    def __init__(self):
+        self.trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trim is not None:
+            self.trim(0)

@@ -25,6 +25,7 @@ from finch.train.mixins import (
     LayerwiseLrDecay,
     PeakMemoryLogging,
     PerplexityLogging,
+    ReturnFreedMemory,
 )
 
 
@@ -80,6 +81,7 @@ def build_trainer(
             data_collator=RowCollator(tokenizer.pad_token_id, flatten=uses_flash_attention(model)),
         )
     trainer.layer_lr_decay = config.train.layer_lr_decay
+    trainer.add_callback(ReturnFreedMemory())
     # FSDP shards the head's weight outside the model's forward, where the labelled head would run.
     next_token = config.train.objective not in PAIRWISE_OBJECTIVES  # TRL computes the pairwise losses
     if next_token and config.scale.strategy != "fsdp" and supports_labelled_head(model):
