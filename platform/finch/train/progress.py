@@ -29,6 +29,10 @@ SHOWN = (
     ("eval_accuracy", "eval accuracy"),
     ("margin", "margin"),
     ("eval_margin", "eval margin"),
+    ("reward", "reward"),  # GRPO: the weighted reward's mean over the step's completions, the KL to the base
+    ("reward_std", "reward std"),
+    ("kl", "kl"),
+    ("completions/mean_length", "completion tokens"),
     ("learning_rate", "lr"),
     ("grad_norm", "grad norm"),
     ("train_loss", "mean train loss"),

@@ -7,7 +7,9 @@ import datetime as dt
 import json
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -65,7 +67,7 @@ def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> R
     check_memory(config, model, device)
     check_free_space(config, model.folder)
     init_ray()
-    prepared = prepare_datasets(config.data, model, config.train.objective)
+    prepared = prepare_data(config, model)
     print_data_stats(prepared)
     check_space_for_rows(prepared)
     tracker = MlflowTracker(config, resume) if config.tracking.mlflow else None
@@ -109,6 +111,14 @@ def announce_dora(config: RunConfig) -> None:
         f"will refuse {config.name}; {alternative}. `finch chat` runs the adapter as it is.[/]",
         highlight=False,
     )
+
+
+def prepare_data(config: RunConfig, model: ModelSource) -> PreparedData:
+    if config.train.objective == "grpo":
+        from finch.rl.prompts import prepare_prompts
+
+        return prepare_prompts(config, model)
+    return prepare_datasets(config.data, model, config.train.objective)
 
 
 def workers_device(scale: ScaleConfig) -> Device:
@@ -235,44 +245,73 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    datasets = {"train": prepared.train} | ({"eval": prepared.eval} if prepared.eval is not None else {})
+    datasets = {name: rows for name, rows in (("train", prepared.train), ("eval", prepared.eval)) if rows is not None}
     # Workers train with every 'auto' type resolved for `device`; run folders and manifests keep 'auto'.
     worker_config = resolved(config, training_precision(config, device))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": dump_config(worker_config),
-            "model": model,  # each worker finds it on its own node
-            "progress_queue": progress_queue,
-            # Where the workers keep the rows on their nodes' disks, and a key that is the same for
-            # every worker of this fit and changes with the next: restarts after a failure reuse the
-            # files, a new run rewrites them (train/rows.py).
-            "rows": {"folder": run_rows_name(config.name, config.run_dir), "key": uuid.uuid4().hex},
-        },
-        scaling_config=scaling_config(config),
-        run_config=ray.train.RunConfig(
-            name=config.name,
-            storage_path=str(config.run_dir.parent),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-            # A failed worker restarts the group from the last checkpoint (see worker.latest_checkpoint).
-            failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            # Without this Ray Train echoes every print of a worker twice (its logger and stdout).
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-            callbacks=list(callbacks),
-        ),
-        datasets=datasets,
-        # Each worker receives all rows, in the same order (HF Trainer's DistributedSampler shards
-        # them by index, so ranks must agree on what index i is); one worker per node writes them
-        # to disk, the node's workers read them from there (train/rows.py).
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)
-        ),
-    )
-    result = trainer.fit()
+    with rollout_engine(worker_config, model) as rollouts:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": dump_config(worker_config),
+                "model": model,  # each worker finds it on its own node
+                "progress_queue": progress_queue,
+                # Where the workers keep the rows on their nodes' disks, and a key that is the same for
+                # every worker of this fit and changes with the next: restarts after a failure reuse the
+                # files, a new run rewrites them (train/rows.py).
+                "rows": {"folder": run_rows_name(config.name, config.run_dir), "key": uuid.uuid4().hex},
+                "prompts": prepared.prompts,  # GRPO's
+                "rollouts": rollouts,
+            },
+            scaling_config=scaling_config(config),
+            run_config=ray.train.RunConfig(
+                name=config.name,
+                storage_path=str(config.run_dir.parent),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                # A failed worker restarts the group from the last checkpoint (see worker.latest_checkpoint).
+                failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+                # Without this Ray Train echoes every print of a worker twice (its logger and stdout).
+                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+                callbacks=list(callbacks),
+            ),
+            datasets=datasets,
+            # Each worker receives all rows, in the same order (HF Trainer's DistributedSampler shards
+            # them by index, so ranks must agree on what index i is); one worker per node writes them
+            # to disk, the node's workers read them from there (train/rows.py).
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)
+            ),
+        )
+        result = trainer.fit()
     if result.checkpoint is None or not result.checkpoint.path.endswith(FINAL_CHECKPOINT):
         raise RuntimeError(f"training ended without a final adapter checkpoint (latest: {result.checkpoint})")
     return result.checkpoint
+
+
+@contextlib.contextmanager
+def rollout_engine(config: RunConfig, model: ModelSource) -> Iterator[Any]:
+    """GRPO's rollout engine (rl/rollouts.py), a Ray actor for the length of the fit; None for the
+    other objectives. `config`: with its dtypes resolved for the workers' device, which the engine
+    shares so that its log-probabilities are the trainer's."""
+    if config.train.objective != "grpo":
+        yield None
+        return
+    import ray
+
+    from finch.rl.rollouts import RolloutEngine, rollout_engine_settings
+
+    gpus = 1 if config.scale.use_gpu else 0
+    # No CPU reserved: rollouts and training steps take turns, and the workers hold the CPUs. A dead
+    # engine is started again; the call that was running fails its worker, and Ray Train restarts
+    # the workers from the last checkpoint, whose policy they publish first (train/grpo.py).
+    actor_class = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=config.scale.max_failures)(RolloutEngine)
+    actor = actor_class.remote(model, config.model.dtype, rollout_engine_settings(config), gpus=gpus)
+    try:
+        yield actor
+    finally:
+        with contextlib.suppress(Exception):  # a dead actor has nothing left to shut down
+            ray.get(actor.shutdown.remote(), timeout=60)
+        ray.kill(actor)
 
 
 def scaling_config(config: RunConfig):
@@ -352,6 +391,13 @@ def manifest(
 
 def print_data_stats(prepared: PreparedData) -> None:
     stats = prepared.stats
+    if prepared.prompts is not None:
+        console.print(
+            f"finch: data {stats['prompts']} prompts, {stats['tokens']} tokens"
+            + (f", skipped {stats['skipped_overlong']} over-long" if stats["skipped_overlong"] else "")
+            + f", template {prepared.template}"
+        )
+        return
     efficiency = stats.get("packing_efficiency")
     bad_rows, overlong = stats["skipped_bad_rows"], stats["skipped_overlong"]
     console.print(

@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from finch.config import PAIRWISE_OBJECTIVES, RunConfig
+from finch.config import RunConfig
 from finch.precision import resolved_here
 from finch.train.arguments import hf_arguments
 from finch.train.collate import RowCollator
@@ -32,6 +32,10 @@ from finch.train.mixins import (
 def training_arguments(config: RunConfig, output_dir: str) -> TrainingArguments:
     config = resolved_here(config)
     # TRL is imported for the objectives that use it only.
+    if config.train.objective == "grpo":
+        from finch.train.grpo import grpo_arguments
+
+        return grpo_arguments(config, output_dir)
     if config.train.objective == "dpo":
         from finch.train.dpo import dpo_arguments
 
@@ -60,11 +64,23 @@ def uses_flash_attention(model: Any) -> bool:
 
 
 def build_trainer(
-    config: RunConfig, model: Any, tokenizer: Any, train_rows: Dataset, eval_rows: Dataset | None, output_dir: str
+    config: RunConfig,
+    model: Any,
+    tokenizer: Any,
+    train_rows: Dataset | list[dict],
+    eval_rows: Dataset | None,
+    output_dir: str,
+    rollouts: Any = None,
 ) -> Trainer:
+    """`train_rows`: GRPO's prompt rows (rl/prompts.py), else the worker's row store; `rollouts`:
+    GRPO's rollout engine actor (rl/rollouts.py)."""
     config = resolved_here(config)
     args = training_arguments(config, output_dir)
-    if config.train.objective == "dpo":
+    if config.train.objective == "grpo":
+        from finch.train.grpo import build_grpo_trainer
+
+        trainer = build_grpo_trainer(config, model, tokenizer, args, train_rows, rollouts)
+    elif config.train.objective == "dpo":
         from finch.train.dpo import build_dpo_trainer
 
         trainer = build_dpo_trainer(config, model, tokenizer, args, train_rows, eval_rows)
@@ -83,7 +99,7 @@ def build_trainer(
     trainer.layer_lr_decay = config.train.layer_lr_decay
     trainer.add_callback(ReturnFreedMemory())
     # FSDP shards the head's weight outside the model's forward, where the labelled head would run.
-    next_token = config.train.objective not in PAIRWISE_OBJECTIVES  # TRL computes the pairwise losses
+    next_token = config.train.objective in ("sft", "pretrain")  # TRL computes the other objectives' losses
     if next_token and config.scale.strategy != "fsdp" and supports_labelled_head(model):
         trainer.labelled_head = LabelledHead(model)
     return trainer

@@ -81,14 +81,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         torch.backends.cudnn.allow_tf32 = True
     model_folder = payload["model"].here()
     tokenizer = load_tokenizer(model_folder, config.model.trust_remote_code)
-    train_rows = worker_rows("train", **payload["rows"])
-    eval_rows = worker_rows("eval", **payload["rows"]) if config.has_eval else None
+    if config.train.objective == "grpo":
+        train_rows, eval_rows = payload["prompts"], None
+    else:
+        train_rows = worker_rows("train", **payload["rows"])
+        eval_rows = worker_rows("eval", **payload["rows"]) if config.has_eval else None
 
     set_seed(config.train.seed)  # LoRA init (and dropout) must not depend on what ran before in this process
     model = load_trainable_model(config, model_folder, rank=ray.train.get_context().get_world_rank())
     # HF checkpoints are scratch: each one is copied into Ray's storage as it is saved.
     with tempfile.TemporaryDirectory(prefix="finch-hf-") as scratch, latest_checkpoint() as resume_from:
-        trainer = build_trainer(config, model, tokenizer, train_rows, eval_rows, scratch)
+        trainer = build_trainer(config, model, tokenizer, train_rows, eval_rows, scratch, payload.get("rollouts"))
         trainer.add_callback(RayReportCallback(payload.get("progress_queue")))
         trainer.remove_callback(PrinterCallback)  # the driver shows progress instead
         trainer.train(resume_from_checkpoint=resume_from)

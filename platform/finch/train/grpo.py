@@ -1,0 +1,109 @@
+"""GRPO with TRL's `GRPOTrainer`, its completions sampled by finch's rollout engine (rl/rollouts.py).
+
+TRL brings the objective: group-relative advantages, the clipped probability ratio, the KL term,
+its loss variants, reward weighting and logging. finch changes where completions come from: TRL
+would generate with transformers in the training process, or start vLLM in it (colocate) or talk
+to a `trl vllm-serve` server that receives full weights through NCCL. Here one vLLM engine runs in
+a Ray actor beside the workers, the policy is a LoRA adapter, and after each optimizer step the
+first worker publishes the adapter to the engine as a new version (megabytes, the base weights
+never move). The engine's log-probabilities go to TRL's importance-sampling correction as its own
+vLLM backend's would.
+
+Prompts arrive as finch-rendered token ids (rl/prompts.py), the same template as training rows and
+inference; TRL's own chat templating is bypassed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+from trl import GRPOConfig, GRPOTrainer
+
+from finch.config import RunConfig
+from finch.models.tokenizer import stop_token_ids
+from finch.rl.rewards import reward_functions
+from finch.rl.rollouts import ADAPTER_FILES, Sampling
+from finch.train.arguments import hf_arguments
+from finch.train.loss import causal_lm
+from finch.train.mixins import PretokenizedTrlTrainer
+
+
+class RolloutsFromFinchEngine:
+    """GRPOTrainer mixin: completions from the rollout engine actor, each batch from the policy as
+    it is after the last optimizer step (its version is logged as rollouts/policy_version)."""
+
+    def __init__(self, *args, rollouts: Any, sampling: Sampling, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rollouts, self.sampling = rollouts, sampling
+        # finch's engine plays the part of TRL's vLLM backend: TRL applies its importance-sampling
+        # correction (the engine's log-probabilities against the trainer's) only when use_vllm is set.
+        self.use_vllm = True
+        self.eos_token_ids = list(sampling.stop_token_ids)  # what ends a completion (TRL's truncation mask)
+        self.published_step: int | None = None
+
+    def _tokenize_prompts(self, prompts: list[list[int]]):
+        return prompts, None, {}
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self.published_step != self.state.global_step:
+            self.publish_policy()
+        rollouts = ray.get(self.rollouts.generate.remote(prompt_ids, self.sampling))
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rollouts/policy_version"].append(rollouts.version)
+        return rollouts.completion_ids, rollouts.logprobs
+
+    def publish_policy(self) -> None:
+        """The adapter as it is now, to the engine as version global_step; every rank waits for it."""
+        if self.accelerator.is_main_process:
+            with tempfile.TemporaryDirectory(prefix="finch-policy-") as folder:
+                self.accelerator.unwrap_model(self.model).save_pretrained(folder)
+                files = {name: (Path(folder) / name).read_bytes() for name in ADAPTER_FILES}
+            ray.get(self.rollouts.publish.remote(self.state.global_step, files))
+        self.accelerator.wait_for_everyone()
+        self.published_step = self.state.global_step
+
+
+class FinchGRPOTrainer(RolloutsFromFinchEngine, PretokenizedTrlTrainer, GRPOTrainer):
+    pass
+
+
+def grpo_arguments(config: RunConfig, output_dir: str) -> GRPOConfig:
+    grpo = config.grpo
+    return GRPOConfig(
+        **hf_arguments(config, output_dir),
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature,
+        top_p=grpo.top_p,
+        beta=grpo.beta,
+        epsilon=grpo.epsilon,
+        epsilon_high=grpo.epsilon_high,
+        num_iterations=grpo.num_iterations,
+        loss_type=grpo.loss_type,
+        scale_rewards=grpo.scale_rewards,
+        mask_truncated_completions=grpo.mask_truncated_completions,
+        reward_weights=[reward.weight for reward in grpo.rewards],
+    )
+
+
+def build_grpo_trainer(
+    config: RunConfig, model: Any, tokenizer: Any, args: GRPOConfig, prompts: list[dict], rollouts: Any
+) -> FinchGRPOTrainer:
+    from datasets import Dataset
+
+    functions, _ = reward_functions(config.grpo.rewards)  # the weights are in args
+    grpo = config.grpo
+    stop_ids = tuple(stop_token_ids(causal_lm(model).name_or_path, tokenizer))
+    sampling = Sampling(grpo.max_completion_length, grpo.temperature, grpo.top_p, stop_ids, grpo.seed)
+    return FinchGRPOTrainer(
+        model=model,
+        reward_funcs=functions,
+        args=args,
+        train_dataset=Dataset.from_list(prompts),
+        processing_class=tokenizer,
+        rollouts=rollouts,
+        sampling=sampling,
+    )
