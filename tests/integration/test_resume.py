@@ -33,9 +33,11 @@ def gsm8k_config(tmp_path: Path, model_dir: Path, **scale):
     )
 
 
-def kill_worker_once_checkpoint_exists(run_dir: Path, checkpoint: str) -> tuple[threading.Thread, list[int]]:
-    """SIGKILL the training worker process as soon as `checkpoint` is persisted; returns the
-    thread and the list it fills with the killed pids."""
+def kill_worker_once_checkpoint_exists(
+    run_dir: Path, checkpoint: str, actor_class: str = "RayTrainWorker"
+) -> tuple[threading.Thread, list[int]]:
+    """SIGKILL the training worker process (or another actor's) as soon as `checkpoint` is
+    persisted; returns the thread and the list it fills with the killed pids."""
     import ray
     from ray.util.state import list_actors
 
@@ -48,7 +50,7 @@ def kill_worker_once_checkpoint_exists(run_dir: Path, checkpoint: str) -> tuple[
             if time.monotonic() > deadline:
                 return
             time.sleep(0.2)
-        workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        workers = list_actors(address=address, filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")])
         for worker in workers:
             os.kill(worker["pid"], signal.SIGKILL)
             killed.append(worker["pid"])
@@ -96,3 +98,32 @@ def test_interrupted_run_continues_with_resume(ray_local, tiny_model_dir, tmp_pa
     assert entry.version == 1
     with pytest.raises(RunExistsError, match="already finished"):
         train(config, resume=True)
+
+
+def test_grpo_survives_a_killed_rollout_engine_and_a_killed_worker(ray_local, tiny_serving_model_dir, tmp_path):
+    """The rollout engine actor killed after step 2's checkpoint, the training worker after step 4's:
+    the engine restarts, the workers restart from the last checkpoint and publish its policy again,
+    and every step trains once, each on the policy published after the step before."""
+    steps = 6
+    config = validate_config(
+        run_config_dict(
+            tmp_path,
+            tiny_serving_model_dir,
+            [str(data_file("sft/gsm8k_chat_train.jsonl"))],
+            name="grpo-faults",
+            data={"max_length": 96, "overlong": "skip"},
+            train={"objective": "grpo", "max_steps": steps, "save_steps": 2, "batch_size": 4},
+            grpo={"num_generations": 4, "max_completion_length": 6, "rewards": [{"name": "regex", "pattern": "[0-9]"}]},
+            scale={"max_failures": 3},
+        )
+    )
+    engine_killer, engines = kill_worker_once_checkpoint_exists(config.run_dir, "checkpoint-2", "RolloutEngine")
+    worker_killer, workers = kill_worker_once_checkpoint_exists(config.run_dir, "checkpoint-4")
+    entry = train(config)
+    engine_killer.join(timeout=5)
+    worker_killer.join(timeout=5)
+    assert engines and workers, "nothing was killed: the test did not exercise a restart"
+    history = json.loads((config.run_dir / "final" / "log_history.json").read_text())
+    versions = [(e["step"], e["rollouts/policy_version"]) for e in history if "rollouts/policy_version" in e]
+    assert versions == [(step, step - 1) for step in range(1, steps + 1)]
+    assert entry.manifest["metrics"]["step"] == steps

@@ -4,8 +4,6 @@ training model's (transformers + PEFT with the same adapter weights) to fp32 tol
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
@@ -30,19 +28,20 @@ def adapter_files(folder) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
 
 
-def test_versions_swap_in_and_logprobs_match_the_training_model(tmp_path, tiny_serving_model_dir):
+def test_versions_swap_in_and_logprobs_match_the_training_model(ray_local, tmp_path, tiny_serving_model_dir):
+    """As GRPO runs it: a Ray actor (vLLM and its sockets live and die with the actor's process)."""
+    import ray
+
     versions = {v: make_adapter(tiny_serving_model_dir, tmp_path / f"adapter-{v}", seed=v + 1) for v in (0, 1)}
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)  # vLLM's client binds to the current loop
     settings = EngineConfig(max_loras=1, max_lora_rank=8, max_model_len=128)
-    engine = RolloutEngine(str(tiny_serving_model_dir), "float32", settings, str(tmp_path / "rollouts"))
+    engine = ray.remote(num_cpus=0)(RolloutEngine).remote(str(tiny_serving_model_dir), "float32", settings)
     sampling = Sampling(max_completion_length=10, temperature=TEMPERATURE, seed=7)
     try:
         with pytest.raises(RuntimeError, match="no policy published"):
-            loop.run_until_complete(engine.generate(PROMPTS, sampling))
+            ray.get(engine.generate.remote(PROMPTS, sampling))
         for version, folder in versions.items():
-            loop.run_until_complete(engine.publish(version, adapter_files(folder)))
-            rollouts = loop.run_until_complete(engine.generate(PROMPTS, sampling))
+            ray.get(engine.publish.remote(version, adapter_files(folder)))
+            rollouts = ray.get(engine.generate.remote(PROMPTS, sampling))
             assert rollouts.version == version
             reference = load_reference(tiny_serving_model_dir, folder)
             for prompt, ids, logprobs in zip(PROMPTS, rollouts.completion_ids, rollouts.logprobs):
@@ -51,10 +50,9 @@ def test_versions_swap_in_and_logprobs_match_the_training_model(tmp_path, tiny_s
             # the same prompt twice in a batch (a GRPO group) samples two different completions
             assert rollouts.completion_ids[0] != rollouts.completion_ids[2]
         # the same seed and version repeat exactly
-        assert loop.run_until_complete(engine.generate(PROMPTS, sampling)) == rollouts
+        assert ray.get(engine.generate.remote(PROMPTS, sampling)) == rollouts
         with pytest.raises(ValueError, match="lacks adapter_model.safetensors"):
-            loop.run_until_complete(engine.publish(2, {"adapter_config.json": b"{}"}))
+            ray.get(engine.publish.remote(2, {"adapter_config.json": b"{}"}))
     finally:
-        engine.shutdown()
-        asyncio.set_event_loop(None)
-        loop.close()
+        ray.get(engine.shutdown.remote())
+        ray.kill(engine)

@@ -44,6 +44,7 @@ RESUME_MUST_MATCH = (
     "train.batch_size",
     "train.grad_accum",
     "train.layer_lr_decay",
+    "grpo.num_generations",  # how many prompts a step takes: the data position
     "scale.num_workers",
     "scale.strategy",
 )
