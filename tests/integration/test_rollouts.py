@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from finch.config import EngineConfig
-from finch.rl.rollouts import ADAPTER_FILES, RolloutEngine, Sampling
+from finch.registry.store import ADAPTER_FILES
+from finch.rl.rollouts import RolloutEngine, Sampling
 from tests.conftest import make_adapter
 from tests.greedy import load_reference
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from finch.config import EngineConfig, RunConfig
+from finch.registry.store import ADAPTER_FILES
 from finch.serve.engine import ServingEngine
 
 POLICY = "policy"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as max_lora_rank
 
 

@@ -24,8 +24,9 @@ from trl import GRPOConfig, GRPOTrainer
 
 from finch.config import RunConfig
 from finch.models.tokenizer import stop_token_ids
+from finch.registry.store import ADAPTER_FILES
 from finch.rl.rewards import reward_functions
-from finch.rl.rollouts import ADAPTER_FILES, Sampling
+from finch.rl.rollouts import Sampling
 from finch.train.arguments import hf_arguments
 from finch.train.loss import causal_lm
 from finch.train.mixins import PretokenizedTrlTrainer
