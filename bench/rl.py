@@ -8,7 +8,8 @@ prompt token ids (a subclass only passes them through instead of re-tokenizing t
 runs in a process of its own, on the quickstart model (Gemma 3 270M, LoRA rank 16 on all linear
 layers, the dtype finch picks for this machine) and the triage tickets (jobs/data/triage.jsonl,
 jobs/grpo.yaml's prompts). Per step: the time in generation (rollouts) and the tokens generated;
-whole-step time from one optimizer step's end to the next. The first step (warm-up: engine
+whole-step time from one optimizer step's end to the next. finch runs twice: as configured by default,
+and with TRL's importance-sampling correction off (no second forward pass of each batch). The first step (warm-up: engine
 compilation, allocator) is left out. Sampling is random on both sides, so completion lengths
 differ: rollout speed is tokens generated per second of generation.
 
@@ -18,6 +19,7 @@ differ: rollout speed is tokens generated per second of generation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -93,6 +95,7 @@ def side(name: str, config_json: str) -> dict[str, float]:
     from finch.models.tokenizer import load_tokenizer
     from finch.precision import device_of_workers, resolved, training_precision
     from finch.rl.prompts import prepare_prompts
+    from finch.train.grpo import build_online_rl_trainer
     from finch.train.trainers import training_arguments
 
     config = validate_config(json.loads(config_json))
@@ -101,10 +104,10 @@ def side(name: str, config_json: str) -> dict[str, float]:
     prompts = prepare_prompts(config, model_source).prompts
     tokenizer = load_tokenizer(model_source.folder)
     model = load_trainable_model(config, model_source.folder)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, finch_engine(name, config, model_source) as rollouts:
         args = training_arguments(config, scratch)
-        if name == "finch":
-            trainer = finch_trainer(config, model_source.folder, model, tokenizer, args, prompts)
+        if name != "trl":
+            trainer = build_online_rl_trainer(config, model, tokenizer, args, prompts, rollouts)
         else:
             trainer = trl_trainer(config, model, tokenizer, args, prompts)
         clock = StepClock(trainer)
@@ -112,16 +115,15 @@ def side(name: str, config_json: str) -> dict[str, float]:
     return clock.summary()
 
 
-def finch_trainer(config, folder, model, tokenizer, args, prompts):
-    import ray
-
-    from finch.rl.rollouts import RolloutEngine, rollout_engine_settings
+def finch_engine(name: str, config, model_source):
+    """finch's rollout engine as `finch train` starts it (an actor on a local Ray cluster); none for TRL."""
+    if name == "trl":
+        return contextlib.nullcontext()
     from finch.runtime import init_ray
-    from finch.train.grpo import build_grpo_trainer
+    from finch.train.run import rollout_engine
 
     init_ray()
-    engine = ray.remote(num_cpus=0)(RolloutEngine).remote(folder, config.model.dtype, rollout_engine_settings(config))
-    return build_grpo_trainer(config, model, tokenizer, args, prompts, engine)
+    return rollout_engine(config, model_source)
 
 
 def trl_trainer(config, model, tokenizer, args, prompts):
@@ -156,6 +158,23 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+SIDES = {
+    "trl": "TRL GRPOTrainer, transformers generate",
+    "finch": "finch, vLLM engine actor",
+    "finch-no-is": "finch, importance-sampling correction off",
+}
+
+
+def side_config(config_json: str, name: str) -> str:
+    """The run config of a side: finch-no-is turns grpo.vllm_importance_sampling_correction off,
+    which skips TRL's extra forward pass of each batch."""
+    if name != "finch-no-is":
+        return config_json
+    config = json.loads(config_json)
+    config["grpo"]["vllm_importance_sampling_correction"] = False
+    return json.dumps(config)
+
+
 def main() -> None:
     args = parse_args()
     if args.side:
@@ -167,8 +186,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="finch-bench-rl-") as work:
         config = json.dumps(run_config(args, work))
-        for name in ("trl", "finch"):
-            child = [sys.executable, __file__, "--side", name, "--config", config]
+        for name in SIDES:
+            child = [sys.executable, __file__, "--side", name, "--config", side_config(config, name)]
             output = subprocess.run(child, capture_output=True, text=True, cwd=REPO)
             if output.returncode:
                 raise SystemExit(f"{name} failed:\n{output.stderr[-3000:]}")
@@ -183,7 +202,7 @@ def main() -> None:
         "| side | whole step s | rollouts s/step | tokens/step | rollout tokens/s | vs TRL: step | vs TRL: rollout tokens/s |"
     )
     print("|---|---|---|---|---|---|---|")
-    for name, label in (("trl", "TRL GRPOTrainer, transformers generate"), ("finch", "finch, vLLM engine actor")):
+    for name, label in SIDES.items():
         r = results[name]
         print(
             f"| {label} | {r['step_s']:.1f} | {r['rollout_s']:.1f} | {r['rollout_tokens']:.0f} | "

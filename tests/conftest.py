@@ -121,6 +121,46 @@ def make_adapter(model_dir: Path, folder: Path, seed: int, r: int = 8, b_std: fl
     return folder
 
 
+def register_adapter(registry: Path, model_dir: Path, name: str, seed: int = 1, r: int = 8, objective: str = "sft"):
+    """A random adapter (make_adapter) published in `registry` as trained on `model_dir` with `objective`."""
+    from finch.fingerprint import fingerprint_model_folder
+    from finch.registry.store import ADAPTER_FILES, publish
+
+    folder = make_adapter(model_dir, registry.parent / f"{name}-{seed}-adapter", seed, r=r)
+    manifest = {
+        "base_model": {"id": str(model_dir), "fingerprint": fingerprint_model_folder(model_dir)},
+        "config": {"train": {"objective": objective}},
+    }
+    return publish(registry, name, {file: folder / file for file in ADAPTER_FILES}, manifest)
+
+
+def register_reward_model(registry: Path, model_dir: Path, name: str, template: str = "chat"):
+    """A random LoRA reward model (score head and adapter B nonzero) published in `registry` as
+    trained on `model_dir` with `template`; returns the model as saved, in eval mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from finch.fingerprint import fingerprint_model_folder
+    from finch.registry.store import ADAPTER_FILES, publish
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1),
+        LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]),
+    ).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.normal_(0, 0.5)
+    folder = registry.parent / f"{name}-reward-model"
+    model.save_pretrained(folder)
+    base = {"id": str(model_dir), "fingerprint": fingerprint_model_folder(model_dir)}
+    manifest = {"base_model": base, "config": {"train": {"objective": "reward"}}, "template": template}
+    publish(registry, name, {file: folder / file for file in ADAPTER_FILES}, manifest)
+    return model
+
+
 def model_source(folder: Path):
     """The base model as finch's driver hands it to Ray processes (finch.models.source)."""
     from finch.config import ModelConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -136,6 +136,22 @@ class LoraConfig(Section):
         description="Module names to adapt, or 'all-linear'.",
     )
     use_dora: bool = Field(False, description="DoRA: also learn a per-column magnitude (weight-decomposed LoRA).")
+    init_adapter: str | None = Field(
+        None,
+        pattern=rf"^{NAME_BODY}(@v?\d+)?$",
+        description="Train on from a registry adapter instead of a fresh one: 'NAME[@vN]' in registry_dir (the "
+        "latest version without @vN, pinned when the run starts), e.g. an SFT adapter to align with dpo or grpo. "
+        "Its base must be model.path (checked by fingerprint) and its r, alpha, target_modules and use_dora are "
+        "used (another value set here is an error). DPO's, GRPO's and RLOO's reference model is then that adapter, "
+        "frozen, not the bare base; the new entry's manifest names it (lineage).",
+    )
+
+    SHAPE: ClassVar[dict[str, str]] = {  # finch's name -> PEFT's adapter_config.json name
+        "r": "r",
+        "alpha": "lora_alpha",
+        "target_modules": "target_modules",
+        "use_dora": "use_dora",
+    }
 
 
 class QLoraConfig(Section):
@@ -167,8 +183,23 @@ class RewardModelConfig(Section):
     )
 
 
+class KtoConfig(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model (KTO's beta).")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="Weight of the chosen (desirable) answers' losses (TRL's name)."
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="Weight of the rejected (undesirable) answers' losses (TRL's name)."
+    )
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto",
+        description="'kto': the KTO paper's loss, with its KL estimate from mismatched prompt/answer pairs; "
+        "'apo_zero_unpaired': APO-zero's unpaired variant (no KL estimate, for chosen answers better than the model's).",
+    )
+
+
 # Objectives trained on preference pairs (prompt, chosen answer, rejected answer).
-PAIRWISE_OBJECTIVES = ("dpo", "reward")
+PAIRWISE_OBJECTIVES = ("dpo", "reward", "kto")
 
 METRICS = (
     "exact_match",
@@ -266,6 +297,7 @@ REWARDS = (
     "json_field",
     "python",
     "length_penalty",
+    "reward_model",
 )
 
 # The settings each reward takes beyond name, label and weight; any other one set is refused.
@@ -276,6 +308,7 @@ _REWARD_SETTINGS = {
     "json_field": ("field",),
     "python": ("function",),
     "length_penalty": ("max_tokens", "soft_tokens"),
+    "reward_model": ("model",),
 }
 
 
@@ -287,7 +320,8 @@ class RewardConfig(MetricConfig):
         "regex, contains, rouge_l, json_valid, json_schema, json_field (1.0/0.0; rouge_l its F1) and python "
         "(`function`'s number, the same function eval calls); the ones that compare with the reference give no "
         "reward (None, left out of the weighted sum) on rows without one. length_penalty: DAPO's soft overlong "
-        "punishment, 0 up to max_tokens - soft_tokens tokens, then falling linearly to -1 at max_tokens, -1 beyond."
+        "punishment, 0 up to max_tokens - soft_tokens tokens, then falling linearly to -1 at max_tokens, -1 beyond. "
+        "reward_model: the score of a reward model from the registry (`model`) for the prompt and completion."
     )
     weight: float = Field(
         1.0,
@@ -303,6 +337,13 @@ class RewardConfig(MetricConfig):
         ge=0,
         description="length_penalty: the tokens before max_tokens over which the reward falls linearly from 0 to -1 "
         "(DAPO used a fifth of max_tokens); 0: only completions longer than max_tokens are punished.",
+    )
+    model: str | None = Field(
+        None,
+        pattern=rf"^{NAME_BODY}(@v?\d+)?$",
+        description="reward_model: 'NAME[@vN]', a reward model in registry_dir (train.objective reward, LoRA or full; "
+        "the latest version without @vN, pinned when the run starts) trained on the same base model and template "
+        "as this run. Each training worker holds a copy beside the policy.",
     )
 
     @model_validator(mode="after")
@@ -325,17 +366,20 @@ class RewardConfig(MetricConfig):
                 raise ValueError(
                     f"reward {self.key}: soft_tokens ({self.soft_tokens}) must be below max_tokens ({self.max_tokens})"
                 )
+        if self.name == "reward_model" and self.model is None:
+            raise ValueError(f"reward {self.key} needs 'model' (a reward model in the registry: NAME[@vN])")
         return self
 
 
 class GrpoConfig(Section):
-    """GRPO (online RL): TRL's GRPOTrainer on completions that finch's vLLM engine samples from the
-    policy as it trains (rl/rollouts.py). The names are GRPOConfig's."""
+    """Online RL (train.objective grpo or rloo): TRL's GRPOTrainer or RLOOTrainer on completions that
+    finch's vLLM engine samples from the policy as it trains (rl/rollouts.py). The names are TRL's
+    (GRPOConfig, RLOOConfig); a setting only one of them has says so."""
 
     rewards: list[RewardConfig] = Field(
         default_factory=list,
         description="What each completion is scored by: a reward name, or a mapping with its settings and weight; "
-        "the weighted sum is the reward (train.objective grpo needs at least one).",
+        "the weighted sum is the reward (grpo and rloo need at least one).",
     )
     num_generations: int = Field(
         8,
@@ -349,8 +393,9 @@ class GrpoConfig(Section):
     beta: float = Field(
         0.0,
         ge=0,
-        description="KL coefficient towards the reference model (the base: the adapter disabled); 0 (TRL's "
-        "default) skips the reference pass.",
+        description="KL coefficient towards the reference model (the base: the adapter disabled); 0 (GRPOTrainer's "
+        "default; RLOOTrainer's is 0.05) skips the reference pass. grpo adds it to the loss, rloo subtracts the "
+        "completion's summed log-ratio from its reward.",
     )
     epsilon: float = Field(0.2, gt=0, description="Clipping of the probability ratio (lower bound 1 - epsilon).")
     epsilon_high: float | None = Field(
@@ -359,23 +404,46 @@ class GrpoConfig(Section):
     num_iterations: int = Field(1, ge=1, description="Optimizer passes over each batch of rollouts (GRPO's mu).")
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
         "dapo",
-        description="How token losses are averaged: 'dapo' (TRL's default) over the batch's tokens, 'grpo' per "
+        description="grpo only: how token losses are averaged: 'dapo' (TRL's default) over the batch's tokens, 'grpo' per "
         "sequence then over sequences, 'dr_grpo' over batch x max_completion_length, 'bnpo' over the local batch.",
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group",
-        description="Divide advantages by the reward's standard deviation in the group, the batch, or not at all "
+        description="grpo only: divide advantages by the reward's standard deviation in the group, the batch, or not at all "
         "(Dr. GRPO).",
     )
     mask_truncated_completions: bool = Field(
         False, description="Leave completions cut at max_completion_length out of the loss (DAPO)."
     )
+    vllm_importance_sampling_correction: bool = Field(
+        True,
+        description="grpo only: weigh each completion by the trainer's probability of it over the rollout engine's "
+        "(TRL's truncated importance sampling; sequences whose ratio passes 3 are dropped). Corrects the engine's "
+        "numerics (bf16 kernels, another attention) and costs one forward pass of the batch per step; off, that "
+        "pass is skipped and the engine's samples count as the trainer's own.",
+    )
+    normalize_advantages: bool = Field(
+        False, description="rloo only: scale the leave-one-out advantages to unit standard deviation over the batch."
+    )
+
+    # Settings one trainer has and the other lacks (TRL's GRPOConfig and RLOOConfig).
+    ONLY_FOR: ClassVar[dict[str, frozenset[str]]] = {
+        "grpo": frozenset({"loss_type", "scale_rewards", "vllm_importance_sampling_correction"}),
+        "rloo": frozenset({"normalize_advantages"}),
+    }
     seed: int | None = Field(
         None, description="Sampling seed of the rollouts: with one, a run's completions repeat exactly."
     )
-    kv_cache_gib: int = Field(1, ge=1, description="CPU only: the rollout engine's KV cache in GiB.")
+    rollout_engines: int = Field(
+        1,
+        ge=1,
+        description="vLLM engines sampling the rollouts, each a Ray actor (with a GPU of its own when scale.use_gpu), "
+        "spread over the cluster's nodes; each step's prompts are shared out among them and every policy version "
+        "goes to all.",
+    )
+    kv_cache_gib: int = Field(1, ge=1, description="CPU only: each rollout engine's KV cache in GiB.")
     gpu_memory_utilization: float = Field(
-        0.5, gt=0, le=1, description="GPU only: share of the rollout engine's GPU that vLLM takes."
+        0.5, gt=0, le=1, description="GPU only: share of a rollout engine's GPU that vLLM takes."
     )
 
 
@@ -420,12 +488,15 @@ class TrainConfig(Section):
         description="'full': every weight trains; 'lora': adapters on the base in model.dtype; "
         "'qlora': adapters on a 4-bit (bitsandbytes) base.",
     )
-    objective: Literal["sft", "pretrain", "dpo", "reward", "grpo"] = Field(
+    objective: Literal["sft", "pretrain", "dpo", "kto", "reward", "grpo", "rloo"] = Field(
         "sft",
         description="'sft': loss on answer tokens; 'pretrain': raw text, loss on every token; "
-        "'dpo': preference pairs (see the dpo section); 'reward': a reward model, a sequence classifier that "
+        "'dpo': preference pairs (see the dpo section); 'kto': the same pairs, each answer judged alone as desirable "
+        "or not (Kahneman-Tversky Optimization, see the kto section); 'reward': a reward model, a sequence classifier that "
         "scores a whole answer, trained on preference pairs (see the reward section); 'grpo': online RL on prompts, "
-        "completions sampled from the policy as it trains and scored by rewards (see the grpo section).",
+        "completions sampled from the policy as it trains and scored by rewards (see the grpo section); 'rloo': "
+        "the same online RL with REINFORCE leave-one-out advantages (TRL's RLOOTrainer, also set in the grpo "
+        "section).",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
@@ -467,6 +538,11 @@ class TrainConfig(Section):
         description="Layer-wise lr decay: the head and final norm train at lr, the top block at lr x decay, each "
         "block below at decay times the one above, embeddings lowest (tied embeddings count as embeddings).",
     )
+
+    @property
+    def online_rl(self) -> bool:
+        """GRPO and RLOO: completions sampled from the policy by the rollout engine (rl/rollouts.py)."""
+        return self.objective in ("grpo", "rloo")
 
 
 class ScaleConfig(Section):
@@ -515,10 +591,13 @@ class RunConfig(Section):
     dpo: DpoConfig = Field(
         default_factory=DpoConfig, description="Preference training, used when train.objective is dpo."
     )
+    kto: KtoConfig = Field(default_factory=KtoConfig, description="Unpaired preference training (train.objective kto).")
     reward: RewardModelConfig = Field(
         default_factory=RewardModelConfig, description="Reward models, used when train.objective is reward."
     )
-    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Online RL, used when train.objective is grpo.")
+    grpo: GrpoConfig = Field(
+        default_factory=GrpoConfig, description="Online RL, used when train.objective is grpo or rloo."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -542,6 +621,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"model.attn_implementation {self.model.attn_implementation} runs on GPUs only (scale.use_gpu: true)"
             )
+        if train.method == "full" and self.lora.init_adapter:
+            raise ValueError(
+                "lora.init_adapter continues a LoRA adapter (train.method lora or qlora); for full fine-tuning, "
+                "merge it into a model first (`finch export`) and give that folder as model.path"
+            )
         if train.method == "full" and self.model.dtype not in ("auto", "float32"):
             raise ValueError(
                 "train.method full needs model.dtype float32 (fp32 master weights: AdamW updates are lost to "
@@ -551,41 +635,62 @@ class RunConfig(Section):
             raise ValueError(f"train.objective pretrain trains on raw text; data.format is {self.data.format}")
         if train.objective == "reward" and train.eval_tasks:
             raise ValueError("train.eval_tasks score generated answers; a reward model does not generate")
-        if train.objective == "dpo" and train.neftune_alpha:
-            raise ValueError("train.neftune_alpha does not apply to dpo: the noise would also hit the reference pass")
+        if train.objective == "kto" and self.kto.loss_type == "kto" and train.batch_size < 2:
+            raise ValueError(
+                "train.objective kto estimates its KL term from answers paired with other pairs' prompts in the "
+                "same batch: train.batch_size must be at least 2 (pairs)"
+            )
+        if train.objective in ("dpo", "kto") and train.neftune_alpha:
+            raise ValueError(
+                f"train.neftune_alpha does not apply to {train.objective}: the noise would also hit the reference pass"
+            )
         if self.dpo.label_smoothing and self.dpo.loss_type != "robust":
             raise ValueError(
                 f"dpo.label_smoothing is used by loss_type robust only (loss_type is {self.dpo.loss_type})"
             )
-        if train.objective == "grpo":
-            self._check_grpo()
+        if train.online_rl:
+            self._check_online_rl()
         if train.eval_steps and not self.has_eval:
             raise ValueError("train.eval_steps needs eval data: set data.eval_files or data.eval_fraction")
         if self.name == "mlruns":
             raise ValueError("name 'mlruns' is reserved for the MLflow store in output_dir")
         return self
 
-    def _check_grpo(self) -> None:
-        train, grpo = self.train, self.grpo
+    def _check_online_rl(self) -> None:
+        train, grpo, objective = self.train, self.grpo, self.train.objective
         if not grpo.rewards:
-            raise ValueError("train.objective grpo needs grpo.rewards (e.g. [numeric_match])")
+            raise ValueError(f"train.objective {objective} needs grpo.rewards (e.g. [numeric_match])")
         if self.lora.r > 512:
-            raise ValueError(f"train.objective grpo: lora.r {self.lora.r} is above vLLM's largest LoRA rank, 512")
-        if train.method != "lora":
             raise ValueError(
-                f"train.objective grpo trains a LoRA policy that the rollout engine hot-swaps (train.method lora); "
-                f"{train.method} policies are not supported yet"
+                f"train.objective {objective}: lora.r {self.lora.r} is above vLLM's largest LoRA rank, 512"
+            )
+        if train.method == "full":
+            raise ValueError(
+                f"train.objective {objective} trains a LoRA policy that the rollout engine hot-swaps "
+                "(train.method lora or qlora); full fine-tuning policies are not supported yet"
             )
         if self.has_eval:
             raise ValueError(
-                "train.objective grpo has no eval loss: drop data.eval_files/eval_fraction and score the result "
-                "with train.eval_tasks"
+                f"train.objective {objective} has no eval loss: drop data.eval_files/eval_fraction and score the "
+                "result with train.eval_tasks"
             )
         completions = train.batch_size * self.scale.num_workers * train.grad_accum
         if completions % grpo.num_generations:
             raise ValueError(
                 f"grpo.num_generations ({grpo.num_generations}) must divide the completions per optimizer step: "
                 f"train.batch_size x scale.num_workers x train.grad_accum = {completions}"
+            )
+        # Each trainer has settings the other lacks: one set for the other would be silently ignored.
+        # A default written out (a dumped config read back) is not a setting.
+        other_objective = {"grpo": "rloo", "rloo": "grpo"}[objective]
+        foreign = sorted(
+            name
+            for name in grpo.model_fields_set & GrpoConfig.ONLY_FOR[other_objective]
+            if getattr(grpo, name) != GrpoConfig.model_fields[name].default
+        )
+        if foreign:
+            raise ValueError(
+                f"grpo.{foreign[0]} is used by train.objective {other_objective} only (train.objective is {objective})"
             )
 
     @property

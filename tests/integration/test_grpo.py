@@ -11,7 +11,7 @@ import pytest
 from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import resolve_entry
 from finch.serve.engine import check_servable
-from tests.conftest import data_file
+from tests.conftest import data_file, register_reward_model
 from tests.integration.test_objectives import mlflow_history, run
 
 pytestmark = pytest.mark.integration
@@ -46,3 +46,39 @@ def test_grpo_trains_on_rollouts_of_the_current_policy_and_registers_a_servable_
     for e in steps:
         assert 0.0 <= e["rewards/regex/mean"] <= 1.0 and "rewards/numeric_match/mean" in e and "kl" in e
     assert [step for step, _ in mlflow_history(tmp_path, "reward")] == [1, 2, 3]
+
+
+def test_rloo_trains_on_from_a_registered_sft_adapter_which_is_its_reference(tmp_path, tiny_serving_model_dir):
+    """base -> SFT -> RLOO: the policy starts as the SFT adapter, which is also the KL reference (the
+    KL is 0 on the first step, before any update), and the new entry names it. One reward is a
+    reward model from the registry; two rollout engines share the sampling."""
+    questions = str(data_file("sft/gsm8k_chat_train.jsonl"))
+    sft = {"max_length": 512}
+    run(tmp_path, tiny_serving_model_dir, "sft", [questions], data=sft, train={"max_steps": 2, "save_steps": 2})
+    register_reward_model(tmp_path / "registry", tiny_serving_model_dir, "judge")
+    registry, _ = run(
+        tmp_path,
+        tiny_serving_model_dir,
+        "rl",
+        [questions],
+        data={"max_length": 96, "overlong": "skip"},  # prompts
+        lora={"init_adapter": "sft"},
+        train={"objective": "rloo", "max_steps": 2, "batch_size": 4, "save_steps": 2, "lr": 1e-3},
+        grpo={
+            "num_generations": 4,
+            "max_completion_length": 8,
+            "beta": 0.04,
+            "seed": 0,
+            "rollout_engines": 2,  # each step's prompts shared out between two engines
+            "rewards": [{"name": "regex", "pattern": "[0-9]"}, {"name": "reward_model", "model": "judge"}],
+        },
+    )
+    entry = resolve_entry(registry, "rl")
+    assert entry.manifest["config"]["grpo"]["rewards"][1]["model"] == "judge@v1"  # pinned
+    assert entry.manifest["lineage"] == {"init_adapter": "sft@v1"}
+    check_servable(entry, fingerprint_model_folder(tiny_serving_model_dir), max_lora_rank=8)
+    history = json.loads((tmp_path / "runs" / "rl" / "final" / "log_history.json").read_text())
+    steps = [e for e in history if "rollouts/policy_version" in e]
+    assert [(e["step"], e["rollouts/policy_version"]) for e in steps] == [(1, 0), (2, 1)]
+    assert abs(steps[0]["kl"]) < 1e-6 < abs(steps[1]["kl"])
+    assert all(e["rewards/reward_model/std"] > 0 for e in steps)  # the reward model tells completions apart

@@ -9,7 +9,7 @@ import torch
 
 from finch.config import EngineConfig
 from finch.registry.store import ADAPTER_FILES
-from finch.rl.rollouts import RolloutEngine, Sampling
+from finch.rl.rollouts import RolloutClient, RolloutEngine, Sampling
 from tests.conftest import make_adapter
 from tests.greedy import load_reference
 
@@ -54,6 +54,18 @@ def test_versions_swap_in_and_logprobs_match_the_training_model(ray_local, tmp_p
         assert ray.get(engine.generate.remote(PROMPTS, sampling)) == rollouts
         with pytest.raises(ValueError, match="lacks adapter_model.safetensors"):
             ray.get(engine.publish.remote(2, {"adapter_config.json": b"{}"}))
+        # Two engines (grpo.rollout_engines): a version goes to both, the batch is shared out, and
+        # each request keeps its seed, so the completions are those of one engine.
+        second = ray.remote(num_cpus=0)(RolloutEngine).remote(str(tiny_serving_model_dir), "float32", settings)
+        try:
+            engines = RolloutClient((engine, second))
+            engines.publish(1, adapter_files(versions[1]))
+            shared = engines.generate(PROMPTS, sampling)
+        finally:
+            ray.get(second.shutdown.remote())
+            ray.kill(second)
+        assert (shared.version, shared.completion_ids) == (1, rollouts.completion_ids)
+        torch.testing.assert_close(shared.logprobs, rollouts.logprobs, atol=1e-4, rtol=1e-4)
     finally:
         ray.get(engine.shutdown.remote())
         ray.kill(engine)

@@ -155,7 +155,7 @@ def test_on_demand_patterns_are_names_and_leave_room_for_one_adapter():
         validate_config({**base, "engine": {"max_loras": 2, "max_cpu_loras": 3}}, schema=ServeConfig)
 
 
-def test_grpo_settings_are_checked_together_and_survive_the_workers_round_trip():
+def test_online_rl_settings_are_checked_together_and_survive_the_workers_round_trip():
     from finch.config import dump_config
 
     grpo = {**MINIMAL, "train": {"objective": "grpo", "batch_size": 4}}
@@ -179,3 +179,10 @@ def test_grpo_settings_are_checked_together_and_survive_the_workers_round_trip()
         validate_config(
             {**grpo, "data": {**MINIMAL["data"], "eval_fraction": 0.1}, "grpo": {"num_generations": 4, **rewards}}
         )
+    rloo = {**grpo, "train": {"objective": "rloo", "batch_size": 4}}
+    config = validate_config({**rloo, "grpo": {"num_generations": 4, "normalize_advantages": True, **rewards}})
+    assert validate_config(dump_config(config)) == config
+    with pytest.raises(ConfigError, match="grpo.loss_type is used by train.objective grpo only"):
+        validate_config({**rloo, "grpo": {"num_generations": 4, "loss_type": "grpo", **rewards}})
+    with pytest.raises(ConfigError, match="grpo.normalize_advantages is used by train.objective rloo only"):
+        validate_config({**grpo, "grpo": {"num_generations": 4, "normalize_advantages": True, **rewards}})

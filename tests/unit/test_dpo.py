@@ -18,8 +18,9 @@ from finch.data.formats import normalize
 from finch.data.readers import iter_records
 from finch.data.tokenization import tokenize_preference
 from finch.models.loading import load_trainable_model
+from finch.registry.models import load_init_adapter, pin_init_adapter
 from finch.train.trainers import build_trainer
-from tests.conftest import data_file, make_tokenizer, run_config_dict
+from tests.conftest import data_file, make_tokenizer, register_adapter, run_config_dict
 
 
 def preference_rows(count: int, max_length: int) -> list[dict]:
@@ -54,9 +55,11 @@ def pairwise_trainer(
             **sections,
         )
     )
+    config = pin_init_adapter(config)  # as `finch train` does: a lora.init_adapter section starts from that adapter
     rows = preference_rows(16, max_length=256)
     torch.manual_seed(0)
     model = load_trainable_model(config, str(model_dir))
+    load_init_adapter(model, config)
     return build_trainer(config, model, make_tokenizer(), rows[:12], rows[12:], str(tmp_path / output))
 
 
@@ -86,6 +89,50 @@ def test_resumed_lora_dpo_continues_the_trained_adapter(tmp_path, tiny_model_dir
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+def test_dpo_from_a_registry_adapter_is_pulled_towards_it_and_resumes(tmp_path, tiny_model_dir):
+    """DPO after SFT: the reference is the SFT adapter the run starts from (a frozen copy), so the
+    first loss is ln 2 although the adapter already changes the model; a resumed run restores the
+    trained adapter, not only the copy (HF Trainer alone restores just the copy)."""
+    register_adapter(tmp_path / "registry", tiny_model_dir, "sft")
+    sections = {"lora": {"init_adapter": "sft"}}
+    straight = dpo_trainer(tmp_path, tiny_model_dir, "lora", steps=4, save_steps=2, output="a", **sections)
+    assert set(straight.model.peft_config) == {"default", "ref"}
+    straight.train()
+    first_train = next(entry for entry in straight.state.log_history if "loss" in entry)
+    assert first_train["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    resumed = dpo_trainer(tmp_path, tiny_model_dir, "lora", steps=4, save_steps=2, output="b", **sections)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    expected, actual = adapter_weights(straight), adapter_weights(resumed)
+    assert expected.keys() == actual.keys() and all(".default." in name for name in expected)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_kto_starts_at_one_half_and_prefers_the_chosen_answers(tmp_path, tiny_model_dir, method):
+    """KTO on the same pairs, unpaired: at the start policy and reference agree (log-ratios and the
+    KL estimate 0), so every answer's loss is 1 - sigmoid(0) = 0.5; training pushes the chosen
+    answers' rewards above the rejected ones', on held-out pairs too. Each answer's KL sequence
+    joins it to another pair's prompt in its batch."""
+    trainer = pairwise_trainer(tmp_path, tiny_model_dir, "kto", method, steps=12, kto={"beta": 0.1})
+    rows, per_batch = trainer.train_dataset, trainer.args.per_device_train_batch_size
+    assert per_batch == 8 and rows["label"][:4] == [True, False, True, False]  # 4 pairs a batch, pairs kept
+    for start in range(0, len(rows), per_batch):
+        batch = rows[start : start + per_batch]
+        for i, kl_answer in enumerate(batch["KL_completion_ids"]):
+            source = (i - 2) % per_batch  # the same kind of answer, one pair back
+            assert kl_answer == batch["completion_ids"][source] and batch["label"][source] == batch["label"][i]
+            assert batch["prompt_ids"][source] != batch["prompt_ids"][i]
+    trainer.train()
+    history = trainer.state.log_history
+    first_train = next(entry for entry in history if "loss" in entry)
+    assert first_train["loss"] == pytest.approx(0.5, abs=1e-4)
+    evals = [entry for entry in history if "eval_loss" in entry]
+    assert evals[-1]["eval_rewards/margins"] > 0.05 and evals[-1]["eval_loss"] < 0.5
+    train_margins = [entry["rewards/margins"] for entry in history if "rewards/margins" in entry]
+    assert sum(train_margins[-3:]) / 3 > 0.2
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -109,6 +109,18 @@ def test_hyperparameters_map_to_hf_training_arguments(tmp_path, tiny_model_dir):
     )
     dpo_args = training_arguments(dpo, str(tmp_path / "hf"))
     assert (dpo_args.beta, dpo_args.loss_type, dpo_args.learning_rate) == (0.3, ["ipo"], 3e-3)
+    kto = validate_config(
+        run_config_dict(
+            tmp_path,
+            tiny_model_dir,
+            ["x.jsonl"],
+            train={"objective": "kto", "batch_size": 3},
+            kto={"beta": 0.2, "desirable_weight": 1.5, "loss_type": "apo_zero_unpaired"},
+        )
+    )
+    kto_args = training_arguments(kto, str(tmp_path / "hf"))
+    assert (kto_args.beta, kto_args.desirable_weight, kto_args.loss_type) == (0.2, 1.5, "apo_zero_unpaired")
+    assert (kto_args.per_device_train_batch_size, kto_args.train_sampling_strategy) == (6, "random")  # 3 pairs
 
 
 @pytest.mark.parametrize(
@@ -119,6 +131,8 @@ def test_hyperparameters_map_to_hf_training_arguments(tmp_path, tiny_model_dir):
         ({"scale": {"strategy": "fsdp"}, "train": {"method": "full"}}, "fsdp needs GPUs"),
         ({"train": {"method": "full"}, "model": {"dtype": "bfloat16"}}, "full needs model.dtype float32"),
         ({"train": {"objective": "dpo", "neftune_alpha": 5}}, "neftune_alpha does not apply to dpo"),
+        ({"train": {"objective": "kto", "batch_size": 1}}, "kto estimates its KL term .* at least 2"),
+        ({"kto": {"loss_type": "sigmoid"}}, "kto.loss_type"),
         ({"dpo": {"label_smoothing": 0.1}}, "loss_type robust only"),
         ({"train": {"eval_steps": 10}}, "eval_steps needs eval data"),
         ({"name": "mlruns"}, "reserved"),

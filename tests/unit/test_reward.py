@@ -23,7 +23,7 @@ def reward_alone(model, ids) -> torch.Tensor:
 
 def rewards_one_by_one(model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each preference row's two rewards (chosen, rejected)."""
-    pairs = [whole_answers(row) for row in rows]
+    pairs = [pair for row in rows for pair in whole_answers(row)]
     return (
         torch.stack([reward_alone(model, pair["chosen_ids"]) for pair in pairs]),
         torch.stack([reward_alone(model, pair["rejected_ids"]) for pair in pairs]),

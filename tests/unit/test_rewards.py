@@ -144,5 +144,58 @@ def test_two_rewards_with_one_key_are_refused():
     assert [function.__name__ for function in functions] == ["numeric_match", "numeric_again"]
 
 
-def test_rewards_are_the_eval_text_metrics_and_the_length_penalty():
-    assert set(REWARDS) == TEXT_METRICS | {"length_penalty"}
+def test_rewards_are_the_eval_text_metrics_the_length_penalty_and_reward_models():
+    assert set(REWARDS) == TEXT_METRICS | {"length_penalty", "reward_model"}
+
+
+def test_a_registry_reward_model_scores_each_prompt_and_completion(tmp_path, tiny_model_dir):
+    """A LoRA reward model from the registry, pinned and checked against the run, scores a batch of
+    completions (padded, in chunks) exactly as it scores each prompt + completion alone."""
+    import torch
+
+    from finch.registry.models import check_reward_models, load_reward_model, pin_reward_models
+    from finch.registry.store import resolve_entry
+    from tests.conftest import model_source, register_adapter, register_reward_model, run_config_dict
+
+    registry = tmp_path / "registry"
+    judge = register_reward_model(registry, tiny_model_dir, "judge")
+    register_adapter(registry, tiny_model_dir, "sft")
+
+    def run_config(model: str):
+        rewards = [{"name": "reward_model", "model": model}]
+        train = {"objective": "grpo", "batch_size": 4}
+        return validate_config(
+            run_config_dict(
+                tmp_path, tiny_model_dir, ["p.jsonl"], train=train, grpo={"num_generations": 4, "rewards": rewards}
+            )
+        )
+
+    with pytest.raises(ConfigError, match=r"needs 'model' \(a reward model in the registry"):
+        validate_config(
+            run_config_dict(
+                tmp_path,
+                tiny_model_dir,
+                ["p.jsonl"],
+                train={"objective": "grpo"},
+                grpo={"num_generations": 2, "rewards": ["reward_model"]},
+            )
+        )
+    config = pin_reward_models(run_config("judge"))
+    assert config.grpo.rewards[0].model == "judge@v1"
+    check_reward_models(config, model_source(tiny_model_dir), "chat")
+    with pytest.raises(
+        ConfigError, match="judge@v1 was trained on the chat template; this run renders prompts with alpaca"
+    ):
+        check_reward_models(config, model_source(tiny_model_dir), "alpaca")
+    with pytest.raises(ConfigError, match="reward reward_model: sft@v1 is not a reward model"):
+        pin_reward_models(run_config("sft"))
+
+    loaded = load_reward_model(resolve_entry(registry, "judge@v1"), str(tiny_model_dir), "float32", "cpu")
+    [score], _ = reward_functions(config.grpo.rewards, lambda reward: loaded)
+    prompts = [[5, 17, 99, 3, 250][: 2 + i % 4] for i in range(11)]  # more than one chunk of 8
+    completions = [[40 + i] * (1 + i % 5) for i in range(11)]
+    scores = score(prompts=prompts, completions=["text"] * 11, completion_ids=completions, trainer_state=None)
+    with torch.no_grad():
+        alone = [judge(torch.tensor([p + c])).logits[0, 0].item() for p, c in zip(prompts, completions)]
+    assert scores == pytest.approx(alone, abs=1e-5)
+    assert len(set(scores)) > 5  # the completions are told apart

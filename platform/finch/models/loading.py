@@ -110,6 +110,15 @@ def attention_implementation(model_config: ModelConfig, use_gpu: bool) -> str | 
     return None
 
 
+def frozen_reference(config: RunConfig, policy: Any) -> Any | None:
+    """The reference model of DPO and KTO: for full fine-tuning a frozen copy of the base; None for
+    LoRA/QLoRA, where TRL disables the adapter (or uses its frozen copy of a starting adapter)."""
+    if config.train.method != "full":
+        return None
+    reference = load_base_model(config.model, policy.name_or_path, config.scale.use_gpu)
+    return reference.eval().requires_grad_(False)
+
+
 def model_class(reward_head: bool) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -22,7 +22,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from finch.config import EngineConfig, RunConfig
 from finch.registry.store import ADAPTER_FILES
@@ -64,6 +64,50 @@ class Rollouts:
     version: int  # the policy version (the optimizer step it was published after)
 
 
+class RolloutSource(Protocol):
+    """What a trainer samples from (train/grpo.py): RolloutClient in a run."""
+
+    def publish(self, version: int, files: dict[str, bytes]) -> None: ...
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollouts: ...
+
+
+@dataclass(frozen=True)
+class RolloutClient:
+    """RolloutEngine actors as one RolloutSource: each policy version goes to every engine, and
+    each batch of prompts is shared out among them in contiguous slices (a GRPO group stays on one
+    engine where the slices allow). It travels to the training workers in their Ray payload (actor
+    handles pickle)."""
+
+    engines: tuple[Any, ...]
+
+    def publish(self, version: int, files: dict[str, bytes]) -> None:
+        import ray
+
+        files_ref = ray.put(files)  # one copy in the object store, whatever the number of engines
+        ray.get([engine.publish.remote(version, files_ref) for engine in self.engines])
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollouts:
+        import ray
+
+        share = -(-len(prompts) // len(self.engines))  # ceiling: the last engine may get fewer
+        starts = range(0, len(prompts), share)
+        parts = ray.get(
+            [
+                engine.generate.remote(prompts[start : start + share], sampling, start, len(prompts))
+                for engine, start in zip(self.engines, starts, strict=False)
+            ]
+        )
+        versions = {part.version for part in parts}
+        if len(versions) != 1:
+            raise RuntimeError(f"rollout engines serve different policy versions: {sorted(versions)}")
+        return Rollouts(
+            [ids for part in parts for ids in part.completion_ids],
+            [logprobs for part in parts for logprobs in part.logprobs],
+            versions.pop(),
+        )
+
+
 class RolloutEngine:
     """The rollout side of GRPO: run it as a Ray actor (`ray.remote(RolloutEngine)`); its methods
     are coroutines, so Ray runs it as an async actor and requests batch in vLLM."""
@@ -99,12 +143,17 @@ class RolloutEngine:
         await self.engine.load_folder(POLICY, folder)
         self.version = version
 
-    async def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollouts:
-        """One completion per prompt (GRPO's groups come as repeated prompts) from the latest policy."""
+    async def generate(
+        self, prompts: list[list[int]], sampling: Sampling, start: int = 0, total: int | None = None
+    ) -> Rollouts:
+        """One completion per prompt (GRPO's groups come as repeated prompts) from the latest policy.
+        `start`, `total`: where these prompts sit in a step's batch shared among engines, which makes
+        each request's seed (with sampling.seed) unique in the run."""
         if self.version is None:
             raise RuntimeError("no policy published yet: publish version 0 before the first rollouts")
         version = self.version
-        first = None if sampling.seed is None else sampling.seed + version * len(prompts)
+        total = len(prompts) if total is None else total
+        first = None if sampling.seed is None else sampling.seed + version * total + start
         completions = await asyncio.gather(
             *(
                 self._complete(prompt, sampling, None if first is None else first + i)

@@ -18,7 +18,7 @@ from typing import Any
 from trl import DPOConfig, DPOTrainer
 
 from finch.config import RunConfig
-from finch.models.loading import load_base_model
+from finch.models.loading import frozen_reference
 from finch.train.arguments import hf_arguments
 from finch.train.mixins import PretokenizedTrlTrainer
 from finch.train.rows import arrow_dataset
@@ -39,13 +39,9 @@ def dpo_arguments(config: RunConfig, output_dir: str) -> DPOConfig:
 
 
 def build_dpo_trainer(config: RunConfig, model: Any, tokenizer: Any, args: DPOConfig, train_rows, eval_rows):
-    reference = None
-    if config.train.method == "full":
-        reference = load_base_model(config.model, model.name_or_path, config.scale.use_gpu)
-        reference.eval().requires_grad_(False)
     return PretokenizedDPOTrainer(
         model=model,
-        ref_model=reference,
+        ref_model=frozen_reference(config, model),
         args=args,
         train_dataset=arrow_dataset(train_rows, args.output_dir),
         eval_dataset=arrow_dataset(eval_rows, args.output_dir) if eval_rows is not None else None,

@@ -8,6 +8,7 @@ import math
 import re
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,17 +161,37 @@ class Fp32AdaptersOn4Bit:
                     param.data = param.data.float()
 
 
-class DisabledAdapterIsTheReference:
-    """TRL trainer mixin: TRL copies a PEFT model's adapter into a frozen "ref" adapter for the
-    reference model (DPO, GRPO with a KL term). For finch's fresh adapter that equals the disabled
-    adapter, which TRL then uses, and the copy breaks resume: HF Trainer restores only the "ref"
-    subfolder of a checkpoint and leaves the trained adapter at its init."""
+class ReferenceIsTheStartingAdapter:
+    """TRL trainer mixin: the reference model (DPO; GRPO and RLOO with a KL term) is the adapter the
+    run started from. TRL copies a PEFT model's adapter into a frozen "ref" adapter for it. A fresh
+    adapter (B = 0) equals the disabled adapter, which TRL uses when there is no copy, so the copy
+    is dropped; an adapter that starts trained (lora.init_adapter, an SFT adapter say) keeps it.
+
+    HF Trainer, resuming from a checkpoint that holds several adapters, restores only the ones in
+    subfolders ("ref") and leaves the trained one, saved at the top, at its start: that one is
+    restored here too."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if "ref" in getattr(self.model, "peft_config", {}):
+        if "ref" in getattr(self.model, "peft_config", {}) and starts_fresh(self.model):
             self.model.delete_adapter("ref")
             self.model.set_adapter("default")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.model if model is None else model
+        if "ref" in getattr(model, "peft_config", {}):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            trained = load_file(Path(resume_from_checkpoint) / "adapter_model.safetensors")
+            set_peft_model_state_dict(model, trained, adapter_name="default")
+            model.set_adapter("default")
+
+
+def starts_fresh(model: Any) -> bool:
+    """Whether the "default" adapter changes nothing yet (every LoRA B is zero, PEFT's init)."""
+    return all(not parameter.any() for name, parameter in model.named_parameters() if ".lora_B.default." in name)
 
 
 class PretokenizedTrlTrainer(
@@ -180,7 +201,7 @@ class PretokenizedTrlTrainer(
     LayerwiseLrDecay,
     PretokenizedRows,
     Fp32AdaptersOn4Bit,
-    DisabledAdapterIsTheReference,
+    ReferenceIsTheStartingAdapter,
 ):
     """What finch changes in every TRL trainer it uses (DPO, reward models, GRPO): put it before the TRL class."""
 

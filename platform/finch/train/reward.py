@@ -10,6 +10,7 @@ with them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from trl import RewardConfig, RewardTrainer
@@ -32,10 +33,10 @@ def reward_arguments(config: RunConfig, output_dir: str) -> RewardConfig:
     )
 
 
-def whole_answers(row: Row) -> Row:
+def whole_answers(row: Row) -> Iterator[Row]:
     """A preference row (prompt_ids, chosen_ids, rejected_ids: answers alone) -> the two sequences
     the reward model scores, prompt and answer each."""
-    return {
+    yield {
         "chosen_ids": row["prompt_ids"] + row["chosen_ids"],
         "rejected_ids": row["prompt_ids"] + row["rejected_ids"],
     }

@@ -157,17 +157,18 @@ def current_key(folder: Path) -> str | None:
 Row = dict[str, Any]
 
 
-def iterate(rows: RowStore, transform: Callable[[Row], Row] | None = None) -> Iterator[Row]:
-    """Every row as a dict of Python lists and ints (what HF `datasets` builds a table from),
-    through `transform` when given."""
+def iterate(rows: RowStore, transform: Callable[[Row], Iterable[Row]] | None = None) -> Iterator[Row]:
+    """Every row as a dict of Python lists and ints (what HF `datasets` builds a table from), or
+    the rows `transform` makes of it, when given."""
     for index in range(len(rows)):
         row = {name: value.tolist() if isinstance(value, np.ndarray) else value for name, value in rows[index].items()}
-        yield transform(row) if transform else row
+        yield from transform(row) if transform else (row,)
 
 
-def arrow_dataset(rows: RowStore, scratch: str, transform: Callable[[Row], Row] | None = None) -> Any:
-    """The rows as an HF dataset, the only kind TRL's trainers take: written to an Arrow file in
-    `scratch` a batch at a time and memory-mapped, never a whole copy in memory."""
+def arrow_dataset(rows: RowStore, scratch: str, transform: Callable[[Row], Iterable[Row]] | None = None) -> Any:
+    """The rows (each one's `transform`, when given) as an HF dataset, the only kind TRL's trainers
+    take: written to an Arrow file in `scratch` a batch at a time and memory-mapped, never a whole
+    copy in memory."""
     from datasets import Dataset
 
     return Dataset.from_generator(

@@ -21,6 +21,7 @@ from finch.memory import training_memory
 from finch.models.loading import trainable_parameter_count
 from finch.models.source import ModelSource, resolve_model_source
 from finch.precision import Device, Precision, device_of_workers, resolved, training_precision
+from finch.registry.models import check_init_adapter_base, check_reward_models, pin_init_adapter, pin_reward_models
 from finch.registry.store import ADAPTER_FILES, RegistryEntry, publish
 from finch.run_folder import FINAL_CHECKPOINT, LOG_HISTORY_FILE
 from finch.runtime import OutputFolderError, init_ray
@@ -61,21 +62,26 @@ class RunExistsError(FileExistsError):
 
 def train(config: RunConfig, overwrite: bool = False, resume: bool = False) -> RegistryEntry:
     announce_dora(config)
+    # Pinned before the run folder keeps the config: a resume reads the same entries.
+    config = pin_reward_models(pin_init_adapter(config))
     run_dir = prepare_run_dir(config, overwrite, resume)
     device = workers_device(config.scale)
     print_precision(training_precision(config, device))
     model = resolve_model_source(config.model)
+    check_init_adapter_base(config, model)
     check_memory(config, model, device)
     check_free_space(config, model.folder)
     init_ray()
     prepared = prepare_data(config, model)
+    check_reward_models(config, model, prepared.template)
     print_data_stats(prepared)
     check_space_for_rows(prepared)
     tracker = MlflowTracker(config, resume) if config.tracking.mlflow else None
     progress = TrainingProgress(config.name, console, [tracker] if tracker else [])
     try:
         final_checkpoint = progress.run(lambda: fit(config, model, prepared, device, progress.queue))
-        entry = register(config, model, prepared, final_checkpoint, run_dir, device)
+        started_from = {"init_adapter": config.lora.init_adapter} if config.lora.init_adapter else None
+        entry = register(config, model, prepared, final_checkpoint, run_dir, device, lineage=started_from)
         if config.train.eval_tasks:
             from finch.eval.run import evaluate_after_training
 
@@ -115,7 +121,7 @@ def announce_dora(config: RunConfig) -> None:
 
 
 def prepare_data(config: RunConfig, model: ModelSource) -> PreparedData:
-    if config.train.objective == "grpo":
+    if config.train.online_rl:
         from finch.rl.prompts import prepare_prompts
 
         return prepare_prompts(config, model)
@@ -249,6 +255,8 @@ def fit(
     datasets = {name: rows for name, rows in (("train", prepared.train), ("eval", prepared.eval)) if rows is not None}
     # Workers train with every 'auto' type resolved for `device`; run folders and manifests keep 'auto'.
     worker_config = resolved(config, training_precision(config, device))
+    # Workers find lora.init_adapter in the registry whatever their working directory.
+    worker_config = worker_config.model_copy(update={"registry_dir": str(Path(config.registry_dir).resolve())})
     with rollout_engine(worker_config, model) as rollouts:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -291,28 +299,33 @@ def fit(
 
 @contextlib.contextmanager
 def rollout_engine(config: RunConfig, model: ModelSource) -> Iterator[Any]:
-    """GRPO's rollout engine (rl/rollouts.py), a Ray actor for the length of the fit; None for the
-    other objectives. `config`: with its dtypes resolved for the workers' device, which the engine
-    shares so that its log-probabilities are the trainer's."""
-    if config.train.objective != "grpo":
+    """GRPO's and RLOO's rollout engines (rl/rollouts.py), Ray actors for the length of the fit, as
+    one RolloutClient; None for the other objectives. `config`: with its dtypes resolved for the
+    workers' device, which the engines share so that their log-probabilities are the trainer's."""
+    if not config.train.online_rl:
         yield None
         return
     import ray
 
-    from finch.rl.rollouts import RolloutEngine, rollout_engine_settings
+    from finch.rl.rollouts import RolloutClient, RolloutEngine, rollout_engine_settings
 
     gpus = 1 if config.scale.use_gpu else 0
     # No CPU reserved: rollouts and training steps take turns, and the workers hold the CPUs. A dead
     # engine is started again; the call that was running fails its worker, and Ray Train restarts
     # the workers from the last checkpoint, whose policy they publish first (train/grpo.py).
     actor_class = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=config.scale.max_failures)(RolloutEngine)
-    actor = actor_class.remote(model, config.model.dtype, rollout_engine_settings(config), gpus=gpus)
+    settings = rollout_engine_settings(config)
+    engines = tuple(
+        actor_class.options(scheduling_strategy="SPREAD").remote(model, config.model.dtype, settings, gpus=gpus)
+        for _ in range(config.grpo.rollout_engines)
+    )
     try:
-        yield actor
+        yield RolloutClient(engines)
     finally:
-        with contextlib.suppress(Exception):  # a dead actor has nothing left to shut down
-            ray.get(actor.shutdown.remote(), timeout=60)
-        ray.kill(actor)
+        for engine in engines:
+            with contextlib.suppress(Exception):  # a dead actor has nothing left to shut down
+                ray.get(engine.shutdown.remote(), timeout=60)
+            ray.kill(engine)
 
 
 def scaling_config(config: RunConfig):

@@ -1,8 +1,8 @@
 """The HF trainer a worker runs, built from the run config.
 
 SFT and pre-training use the HF `Trainer` on rows that Ray Data already tokenized, masked and
-packed (TRL's SFTTrainer would only redo that work); DPO and reward models use TRL (train/dpo.py,
-train/reward.py). Arguments come
+packed (TRL's SFTTrainer would only redo that work); DPO, KTO, reward models, GRPO and RLOO use
+TRL (train/dpo.py, kto.py, reward.py, grpo.py). Arguments come
 from train/arguments.py, finch's changes to the trainers' behaviour from train/mixins.py.
 """
 
@@ -32,14 +32,18 @@ from finch.train.mixins import (
 def training_arguments(config: RunConfig, output_dir: str) -> TrainingArguments:
     config = resolved_here(config)
     # TRL is imported for the objectives that use it only.
-    if config.train.objective == "grpo":
-        from finch.train.grpo import grpo_arguments
+    if config.train.online_rl:
+        from finch.train.grpo import online_rl_arguments
 
-        return grpo_arguments(config, output_dir)
+        return online_rl_arguments(config, output_dir)
     if config.train.objective == "dpo":
         from finch.train.dpo import dpo_arguments
 
         return dpo_arguments(config, output_dir)
+    if config.train.objective == "kto":
+        from finch.train.kto import kto_arguments
+
+        return kto_arguments(config, output_dir)
     if config.train.objective == "reward":
         from finch.train.reward import reward_arguments
 
@@ -72,18 +76,22 @@ def build_trainer(
     output_dir: str,
     rollouts: Any = None,
 ) -> Trainer:
-    """`train_rows`: GRPO's prompt rows (rl/prompts.py), else the worker's row store; `rollouts`:
-    GRPO's rollout engine actor (rl/rollouts.py)."""
+    """`train_rows`: GRPO's and RLOO's prompt rows (rl/prompts.py), else the worker's row store;
+    `rollouts`: their rollout engine (rl/rollouts.py)."""
     config = resolved_here(config)
     args = training_arguments(config, output_dir)
-    if config.train.objective == "grpo":
-        from finch.train.grpo import build_grpo_trainer
+    if config.train.online_rl:
+        from finch.train.grpo import build_online_rl_trainer
 
-        trainer = build_grpo_trainer(config, model, tokenizer, args, train_rows, rollouts)
+        trainer = build_online_rl_trainer(config, model, tokenizer, args, train_rows, rollouts)
     elif config.train.objective == "dpo":
         from finch.train.dpo import build_dpo_trainer
 
         trainer = build_dpo_trainer(config, model, tokenizer, args, train_rows, eval_rows)
+    elif config.train.objective == "kto":
+        from finch.train.kto import build_kto_trainer
+
+        trainer = build_kto_trainer(config, model, tokenizer, args, train_rows, eval_rows)
     elif config.train.objective == "reward":
         from finch.train.reward import build_reward_trainer
 

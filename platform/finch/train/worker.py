@@ -26,6 +26,7 @@ from transformers.utils.logging import disable_progress_bar
 from finch.config import RunConfig, validate_config
 from finch.models.loading import load_trainable_model
 from finch.models.tokenizer import load_tokenizer
+from finch.registry.models import load_init_adapter
 from finch.run_folder import FINAL_CHECKPOINT, LOG_HISTORY_FILE
 from finch.train.rows import RowStore, node_rows, rows_root, write_shard_on_this_node
 from finch.train.trainers import build_trainer
@@ -81,7 +82,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         torch.backends.cudnn.allow_tf32 = True
     model_folder = payload["model"].here()
     tokenizer = load_tokenizer(model_folder, config.model.trust_remote_code)
-    if config.train.objective == "grpo":
+    if config.train.online_rl:
         train_rows, eval_rows = payload["prompts"], None
     else:
         train_rows = worker_rows("train", **payload["rows"])
@@ -89,6 +90,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     set_seed(config.train.seed)  # LoRA init (and dropout) must not depend on what ran before in this process
     model = load_trainable_model(config, model_folder, rank=ray.train.get_context().get_world_rank())
+    load_init_adapter(model, config)
     # HF checkpoints are scratch: each one is copied into Ray's storage as it is saved.
     with tempfile.TemporaryDirectory(prefix="finch-hf-") as scratch, latest_checkpoint() as resume_from:
         trainer = build_trainer(config, model, tokenizer, train_rows, eval_rows, scratch, payload.get("rollouts"))

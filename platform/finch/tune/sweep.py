@@ -33,6 +33,7 @@ from finch.config import (
 from finch.data.pipeline import PreparedData, prepare_datasets
 from finch.models.source import ModelSource, resolve_model_source
 from finch.precision import Device, training_precision
+from finch.registry.models import check_init_adapter_base, pin_init_adapter
 from finch.registry.store import RegistryEntry
 from finch.runtime import init_ray
 from finch.train.run import check_memory, fit, print_data_stats, print_precision, register, workers_device
@@ -60,7 +61,7 @@ class EvalReportsToTune(TuneReportCallback):
 
 
 def sweep(config: SweepConfig, resume: bool = False) -> RegistryEntry:
-    base = base_run_config(config)
+    base = pin_init_adapter(base_run_config(config))
     check_space(config, base)
     sweep_dir = config.sweep_dir
     if sweep_dir.exists() and not resume:
@@ -68,6 +69,7 @@ def sweep(config: SweepConfig, resume: bool = False) -> RegistryEntry:
     device = workers_device(base.scale)
     print_precision(training_precision(base, device))
     model = resolve_model_source(base.model)
+    check_init_adapter_base(base, model)
     check_memory(base, model, device)
     init_ray()
     prepared = prepare_datasets(base.data, model, base.train.objective)
@@ -274,6 +276,8 @@ def register_best(
     }
     if best.task_score is not None:
         lineage[config.metric] = best.task_score
+    if base.lora.init_adapter:
+        lineage["init_adapter"] = base.lora.init_adapter
     return register(named, model, prepared, Checkpoint(best.checkpoint_path), trial.run_dir, device, lineage)
 
 
