@@ -80,11 +80,10 @@ def pin_init_adapter(config: RunConfig) -> RunConfig:
     entry = init_adapter_entry(config.registry_dir, ref)
     if entry.kind != "adapter":
         raise ConfigError(f"lora.init_adapter {ref!r}: {entry.ref} is a full model, not a LoRA adapter")
-    started_as_reward_model = entry.manifest.get("config", {}).get("train", {}).get("objective") == "reward"
-    if started_as_reward_model != (config.train.objective == "reward"):
+    if entry.is_reward_model != (config.train.objective == "reward"):
         kinds = {True: "a reward model", False: "a generating adapter"}
         raise ConfigError(
-            f"lora.init_adapter {ref!r}: {entry.ref} is {kinds[started_as_reward_model]}, and train.objective "
+            f"lora.init_adapter {ref!r}: {entry.ref} is {kinds[entry.is_reward_model]}, and train.objective "
             f"{config.train.objective} trains {kinds[config.train.objective == 'reward']}"
         )
     peft = json.loads((entry.path / "adapter_config.json").read_text())
@@ -160,7 +159,7 @@ def reward_model_entry(registry_dir: str | Path, reward: Any) -> RegistryEntry:
         entry = resolve_entry(registry_dir, reward.model)
     except RegistryError as err:
         raise ConfigError(f"reward {reward.key}: model {reward.model!r}: {err}") from None
-    if entry.manifest.get("config", {}).get("train", {}).get("objective") != "reward":
+    if not entry.is_reward_model:
         raise ConfigError(f"reward {reward.key}: {entry.ref} is not a reward model (train.objective reward)")
     return entry
 

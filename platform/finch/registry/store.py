@@ -48,10 +48,15 @@ class RegistryEntry:
     def kind(self) -> str:
         return self.manifest.get("kind", "adapter")
 
+    @property
+    def is_reward_model(self) -> bool:
+        """Trained with train.objective reward: it scores answers and has no LM head."""
+        return self.manifest.get("config", {}).get("train", {}).get("objective") == "reward"
+
     def check_generates(self, purpose: str) -> None:
         """Refuse a reward model (train.objective reward) where text would be generated: it scores
         answers and has no LM head. `purpose`: what was asked of it, for the message."""
-        if self.manifest.get("config", {}).get("train", {}).get("objective") == "reward":
+        if self.is_reward_model:
             raise RegistryError(
                 f"{self.ref} is a reward model: it scores answers and does not generate text, so it cannot {purpose}"
             )
