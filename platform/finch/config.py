@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # Run and adapter names: they become folder names, so no separators, no leading dot.
 NAME_BODY = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 NAME_PATTERN = rf"^{NAME_BODY}$"
+# A registry entry: NAME, NAME@vN or NAME@N (registry/store.py resolves it).
+ENTRY_REF_PATTERN = rf"^{NAME_BODY}(@v?\d+)?$"
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,15 @@ DatasetFormat = Literal[
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    def changed_settings(self) -> set[str]:
+        """The fields given a value other than their default: a default written out (`pattern: null`,
+        or a dumped config read back) is not a setting."""
+        return {
+            name
+            for name in self.model_fields_set
+            if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)
+        }
 
 
 class ModelConfig(Section):
@@ -138,7 +149,7 @@ class LoraConfig(Section):
     use_dora: bool = Field(False, description="DoRA: also learn a per-column magnitude (weight-decomposed LoRA).")
     init_adapter: str | None = Field(
         None,
-        pattern=rf"^{NAME_BODY}(@v?\d+)?$",
+        pattern=ENTRY_REF_PATTERN,
         description="Train on from a registry adapter instead of a fresh one: 'NAME[@vN]' in registry_dir (the "
         "latest version without @vN, pinned when the run starts), e.g. an SFT adapter to align with dpo or grpo. "
         "Its base must be model.path (checked by fingerprint) and its r, alpha, target_modules and use_dora are "
@@ -340,7 +351,7 @@ class RewardConfig(MetricConfig):
     )
     model: str | None = Field(
         None,
-        pattern=rf"^{NAME_BODY}(@v?\d+)?$",
+        pattern=ENTRY_REF_PATTERN,
         description="reward_model: 'NAME[@vN]', a reward model in registry_dir (train.objective reward, LoRA or full; "
         "the latest version without @vN, pinned when the run starts) trained on the same base model and template "
         "as this run. Each training worker holds a copy beside the policy.",
@@ -350,10 +361,7 @@ class RewardConfig(MetricConfig):
     def _only_its_settings(self) -> RewardConfig:
         allowed = _REWARD_SETTINGS.get(self.name, ())
         unused = sorted(
-            setting.rstrip("_")
-            for setting in self.model_fields_set - {"name", "label", "weight", *allowed}
-            # A default written out (`pattern: null`, or a dumped config read back) is not a setting.
-            if getattr(self, setting) != type(self).model_fields[setting].default
+            setting.rstrip("_") for setting in self.changed_settings() - {"name", "label", "weight", *allowed}
         )
         if unused:
             reward = self.name if self.label is None else f"{self.label} ({self.name})"
@@ -681,13 +689,8 @@ class RunConfig(Section):
                 f"train.batch_size x scale.num_workers x train.grad_accum = {completions}"
             )
         # Each trainer has settings the other lacks: one set for the other would be silently ignored.
-        # A default written out (a dumped config read back) is not a setting.
         other_objective = {"grpo": "rloo", "rloo": "grpo"}[objective]
-        foreign = sorted(
-            name
-            for name in grpo.model_fields_set & GrpoConfig.ONLY_FOR[other_objective]
-            if getattr(grpo, name) != GrpoConfig.model_fields[name].default
-        )
+        foreign = sorted(grpo.changed_settings() & GrpoConfig.ONLY_FOR[other_objective])
         if foreign:
             raise ValueError(
                 f"grpo.{foreign[0]} is used by train.objective {other_objective} only (train.objective is {objective})"
