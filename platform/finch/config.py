@@ -672,11 +672,6 @@ class RunConfig(Section):
             raise ValueError(
                 f"train.objective {objective}: lora.r {self.lora.r} is above vLLM's largest LoRA rank, 512"
             )
-        if train.method == "full":
-            raise ValueError(
-                f"train.objective {objective} trains a LoRA policy that the rollout engine hot-swaps "
-                "(train.method lora or qlora); full fine-tuning policies are not supported yet"
-            )
         if self.has_eval:
             raise ValueError(
                 f"train.objective {objective} has no eval loss: drop data.eval_files/eval_fraction and score the "

@@ -82,3 +82,32 @@ def test_rloo_trains_on_from_a_registered_sft_adapter_which_is_its_reference(tmp
     assert [(e["step"], e["rollouts/policy_version"]) for e in steps] == [(1, 0), (2, 1)]
     assert abs(steps[0]["kl"]) < 1e-6 < abs(steps[1]["kl"])
     assert all(e["rewards/reward_model/std"] > 0 for e in steps)  # the reward model tells completions apart
+
+
+def test_grpo_fully_fine_tunes_a_policy_whose_weights_reach_the_engine_each_step(tmp_path, tiny_serving_model_dir):
+    """train.method full: the engine samples each step with the whole policy published after the last
+    step (tests/integration/test_rollouts.py checks the engine's log-probabilities then equal the
+    trainer's); the reference is the model as loaded, so the KL is 0 until the first update."""
+    questions = str(data_file("sft/gsm8k_chat_train.jsonl"))
+    register_reward_model(tmp_path / "registry", tiny_serving_model_dir, "judge")  # rewards that always differ
+    registry, _ = run(
+        tmp_path,
+        tiny_serving_model_dir,
+        "rl-full",
+        [questions],
+        data={"max_length": 96, "overlong": "skip"},
+        train={"objective": "grpo", "method": "full", "max_steps": 2, "batch_size": 4, "save_steps": 2, "lr": 1e-4},
+        grpo={
+            "num_generations": 4,
+            "max_completion_length": 8,
+            "beta": 0.04,
+            "seed": 0,
+            "rewards": ["numeric_match", {"name": "reward_model", "model": "judge"}],
+        },
+    )
+    entry = resolve_entry(registry, "rl-full")
+    assert entry.kind == "model" and entry.manifest["config"]["train"]["method"] == "full"
+    history = json.loads((tmp_path / "runs" / "rl-full" / "final" / "log_history.json").read_text())
+    steps = [e for e in history if "rollouts/policy_version" in e]
+    assert [(e["step"], e["rollouts/policy_version"]) for e in steps] == [(1, 0), (2, 1)]
+    assert abs(steps[0]["kl"]) < 1e-6 < abs(steps[1]["kl"])

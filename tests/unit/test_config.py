@@ -171,10 +171,10 @@ def test_online_rl_settings_are_checked_together_and_survive_the_workers_round_t
     ]:
         with pytest.raises(ConfigError, match=message):
             validate_config({**grpo, "grpo": {"num_generations": 4, **settings}})
-    with pytest.raises(ConfigError, match="LoRA policy"):
-        validate_config(
-            {**grpo, "train": {**grpo["train"], "method": "full"}, "grpo": {"num_generations": 4, **rewards}}
-        )
+    full = validate_config(
+        {**grpo, "train": {**grpo["train"], "method": "full"}, "grpo": {"num_generations": 4, **rewards}}
+    )
+    assert validate_config(dump_config(full)) == full  # a fully fine-tuned policy: whole weights to the engine
     with pytest.raises(ConfigError, match="train.eval_tasks"):
         validate_config(
             {**grpo, "data": {**MINIMAL["data"], "eval_fraction": 0.1}, "grpo": {"num_generations": 4, **rewards}}

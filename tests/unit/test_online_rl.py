@@ -11,13 +11,16 @@ tests/integration/test_rollouts.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
+import safetensors.torch
 import torch
 
 from finch.config import validate_config
 from finch.models.loading import load_trainable_model
+from finch.registry.store import ADAPTER_FILES
 from finch.rl.rollouts import Rollouts, Sampling
 from finch.train.trainers import build_trainer
 from tests.conftest import make_tokenizer, run_config_dict
@@ -42,10 +45,12 @@ class FixedEngine:
     def __init__(self, model, stop: int):
         self.model, self.stop = model, stop
         self.published: list[int] = []
+        self.files: list[dict[str, bytes]] = []
         self.batches: list[list[tuple[int, int, list[int]]]] = []  # (prompt index, sample, completion ids)
 
     def publish(self, version: int, files: dict[str, bytes]) -> None:
         self.published.append(version)
+        self.files.append(files)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollouts:
         seen: dict[int, int] = {}
@@ -108,10 +113,13 @@ def rl_trainer(tmp_path, model_dir, objective: str, method: str = "lora", **grpo
         {"prompt": p, "reference": None, "messages": [], "source": f"p.jsonl:{i + 1}"} for i, p in enumerate(PROMPTS)
     ]
     trainer = build_trainer(config, model, tokenizer, rows, None, str(tmp_path / "hf"), rollouts=engine)
-    # As after some training: the policy is no longer its reference (the base, the adapter disabled).
+    # As after some training: the policy is no longer its reference (the base: the adapter disabled,
+    # or for full fine-tuning TRL's copy of the model as loaded).
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.05)
+        elif method == "full":
+            parameter.data.add_(torch.randn_like(parameter) * 0.02)
     return trainer, engine
 
 
@@ -144,9 +152,10 @@ def sequence_logprobs(model, batch) -> list[torch.Tensor]:
     return [token_logprobs(model, PROMPTS[index], ids) for index, _, ids in batch]
 
 
-def reference_logprobs(model, batch) -> list[torch.Tensor]:
-    with torch.no_grad(), model.disable_adapter():
-        return sequence_logprobs(model, batch)
+def reference_logprobs(model, reference, batch) -> list[torch.Tensor]:
+    """Under the reference: a fully fine-tuned policy's own (TRL's copy), a LoRA policy's adapter disabled."""
+    with torch.no_grad(), contextlib.nullcontext() if reference else model.disable_adapter():
+        return sequence_logprobs(reference or model, batch)
 
 
 def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -154,7 +163,7 @@ def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
 
 
-def direct_grpo_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def direct_grpo_loss(model, reference, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """DAPO-averaged GRPO (TRL's default loss_type) on one on-policy step: each token's loss is
     -min(ratio A, clip(ratio) A) (the ratio is 1 in value, its gradient the policy gradient),
     weighted by the completion's importance weight, plus beta times the k3 KL estimate (times the
@@ -162,7 +171,7 @@ def direct_grpo_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     their count."""
     rewards = torch.tensor([length_reward(ids) for _, _, ids in batch])
     advantages = grpo_advantages(rewards)
-    logprobs, references = sequence_logprobs(model, batch), reference_logprobs(model, batch)
+    logprobs, references = sequence_logprobs(model, batch), reference_logprobs(model, reference, batch)
     total, tokens = 0.0, 0
     for (index, sample, ids), advantage, logp, ref in zip(batch, advantages, logprobs, references, strict=True):
         weight = math.exp(OFFSETS[index, sample])
@@ -175,12 +184,12 @@ def direct_grpo_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return total / tokens, advantages
 
 
-def direct_rloo_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def direct_rloo_loss(model, reference, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO (TRL's RLOOTrainer): the reward less beta times the completion's summed log-ratio to
     the reference, its advantage that less the mean of the other completions of its prompt, and the
     clipped ratio of the whole sequence's probability (1 in value) times the advantage, averaged
     over completions."""
-    logprobs, references = sequence_logprobs(model, batch), reference_logprobs(model, batch)
+    logprobs, references = sequence_logprobs(model, batch), reference_logprobs(model, reference, batch)
     rewards = torch.tensor(
         [
             length_reward(ids) - BETA * (lp.detach() - ref).sum().item()
@@ -198,7 +207,12 @@ def direct_rloo_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("objective", "method", "direct_loss"),
-    [("grpo", "lora", direct_grpo_loss), ("grpo", "qlora", direct_grpo_loss), ("rloo", "lora", direct_rloo_loss)],
+    [
+        ("grpo", "lora", direct_grpo_loss),
+        ("grpo", "qlora", direct_grpo_loss),
+        ("grpo", "full", direct_grpo_loss),
+        ("rloo", "lora", direct_rloo_loss),
+    ],
 )
 def test_advantages_loss_and_gradients_equal_the_direct_computation(
     tmp_path, tiny_model_dir, objective, method, direct_loss
@@ -210,6 +224,14 @@ def test_advantages_loss_and_gradients_equal_the_direct_computation(
     trainer.train()
     [batch] = engine.batches
     assert engine.published == [0]  # the policy before the step, which sampled the batch
+    [files] = engine.files
+    if method == "full":  # the whole model as it was, which the engine loads in place of its own
+        published = safetensors.torch.load(files["model.safetensors"])
+        assert published.keys() == before.keys()
+        for name, tensor in published.items():
+            torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+    else:
+        assert files.keys() == set(ADAPTER_FILES)
     assert sorted((index, sample) for index, sample, _ in batch) == sorted(OFFSETS)
 
     # Directly, from the same weights as the step started with.
@@ -218,7 +240,7 @@ def test_advantages_loss_and_gradients_equal_the_direct_computation(
             if name in before:
                 parameter.copy_(before[name])
     model.zero_grad()
-    loss, advantages = direct_loss(model, batch)
+    loss, advantages = direct_loss(model, trainer.ref_model, batch)
     # TRL shuffles a generation batch before it is trained on: compare row by row.
     trained_order = [
         [ids for _, _, ids in batch].index(row[mask.bool()].tolist())

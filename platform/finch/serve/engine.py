@@ -174,6 +174,21 @@ class ServingEngine:
             await self._retire(previous)
         return adapter
 
+    async def replace_base_weights(self, folder: str | Path) -> None:
+        """Load other base weights in place: the safetensors files in `folder`, named as the model's
+        own checkpoint (GRPO's fully fine-tuned policy after each update, rl/rollouts.py). Requests
+        already running finish first, none starts until the weights are in, and the prefix cache is
+        cleared: its keys and values were computed with the old weights. vLLM's in-place reload
+        (model_loader/reload) runs the layers' weight processing again, which on CPU repacks the
+        linear layers for oneDNN; a plain copy into the parameters would leave the packed copies stale."""
+        await self.llm.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        finally:
+            await self.llm.resume_generation()
+        # Registry adapters were trained on the weights replaced: none passes check_servable from now on.
+        self.base_fingerprint = ""
+
     async def unload(self, name: str) -> ServedAdapter:
         async with self._lock:
             adapter = self.adapters.get(name)

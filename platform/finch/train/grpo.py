@@ -4,11 +4,11 @@ rollout engine (rl/rollouts.py).
 TRL brings the objective: group-relative advantages, the clipped probability ratio, the KL term,
 its loss variants, reward weighting and logging. finch changes where completions come from: TRL
 would generate with transformers in the training process, or start vLLM in it (colocate) or talk
-to a `trl vllm-serve` server that receives full weights through NCCL. Here one vLLM engine runs in
-a Ray actor beside the workers, the policy is a LoRA adapter, and after each optimizer step the
-first worker publishes the adapter to the engine as a new version (megabytes, the base weights
-never move). The engine's log-probabilities go to TRL's importance-sampling correction as its own
-vLLM backend's would.
+to a `trl vllm-serve` server that receives full weights through NCCL. Here vLLM engines run in
+Ray actors beside the workers, and after each optimizer step the first worker publishes the policy
+to them as a new version: a LoRA adapter (megabytes, the base weights never move) or, fully
+fine-tuned, the whole model's weights. The engine's log-probabilities go to TRL's
+importance-sampling correction as its own vLLM backend's would.
 
 Prompts arrive as finch-rendered token ids (rl/prompts.py), the same template as training rows and
 inference; TRL's own chat templating is bypassed.
@@ -17,17 +17,16 @@ inference; TRL's own chat templating is bypassed.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from finch.config import RunConfig
 from finch.models.tokenizer import stop_token_ids
 from finch.registry.models import load_reward_model, reward_model_entry
-from finch.registry.store import ADAPTER_FILES
 from finch.rl.rewards import reward_functions
-from finch.rl.rollouts import RolloutSource, Sampling
+from finch.rl.rollouts import RolloutSource, Sampling, policy_files
 from finch.train.arguments import hf_arguments
 from finch.train.loss import causal_lm
 from finch.train.mixins import PretokenizedTrlTrainer
@@ -56,11 +55,16 @@ class RolloutsFromFinchEngine:
         return rollouts.completion_ids, rollouts.logprobs
 
     def publish_policy(self) -> None:
-        """The adapter as it is now, to the engine as version global_step; every rank waits for it."""
+        """The policy as it is now (the adapter, or the whole model when fully fine-tuned), to the
+        engine as version global_step; every rank waits for it."""
+        policy = self.accelerator.unwrap_model(self.model)
+        full_weights = not isinstance(policy, PeftModel)
+        # Under FSDP every rank holds a shard: gathering the whole state dict takes them all.
+        state_dict = self.accelerator.get_state_dict(self.model) if full_weights else None
         if self.accelerator.is_main_process:
             with tempfile.TemporaryDirectory(prefix="finch-policy-") as folder:
-                self.accelerator.unwrap_model(self.model).save_pretrained(folder)
-                files = {name: (Path(folder) / name).read_bytes() for name in ADAPTER_FILES}
+                policy.save_pretrained(folder, state_dict=state_dict)
+                files = policy_files(folder, full_weights)
             self.rollouts.publish(self.state.global_step, files)
         self.accelerator.wait_for_everyone()
         self.published_step = self.state.global_step

@@ -316,7 +316,9 @@ def rollout_engine(config: RunConfig, model: ModelSource) -> Iterator[Any]:
     actor_class = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=config.scale.max_failures)(RolloutEngine)
     settings = rollout_engine_settings(config)
     engines = tuple(
-        actor_class.options(scheduling_strategy="SPREAD").remote(model, config.model.dtype, settings, gpus=gpus)
+        actor_class.options(scheduling_strategy="SPREAD").remote(
+            model, config.model.dtype, settings, gpus=gpus, full_weights=config.train.method == "full"
+        )
         for _ in range(config.grpo.rollout_engines)
     )
     try:
