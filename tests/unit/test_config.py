@@ -125,6 +125,17 @@ def test_sweep_spaces_are_checked_before_anything_runs():
         sweep({"train.lr": {"choice": [1e-4]}}, algorithm="grid")
     with pytest.raises(ConfigError, match="give exactly one of"):
         sweep({"train.lr": {"choice": [1e-4], "grid": [1e-3]}})
+    # Trials that continue a registry adapter take its shape: varying it would fail each trial at load.
+    from finch.tune.sweep import check_space
+
+    continued = validate_config({**MINIMAL, "lora": {"init_adapter": "sft@v1"}})
+    check_space(sweep({"train.lr": {"choice": [1e-4, 1e-3]}}), continued)
+    for key in ("lora.r", "lora.alpha"):
+        with pytest.raises(
+            ConfigError, match=rf"search.space.{key}: the adapter's shape is lora.init_adapter's \(sft@v1\)"
+        ):
+            check_space(sweep({key: {"choice": [8, 16]}}), continued)
+    check_space(sweep({"lora.r": {"choice": [8, 16]}}), validate_config(MINIMAL))
 
 
 def test_unparseable_override_and_cross_field_errors_read_cleanly(tmp_path):

@@ -23,6 +23,7 @@ from rich.console import Console
 from finch.config import (
     ConfigError,
     EvalTaskConfig,
+    LoraConfig,
     RunConfig,
     SweepConfig,
     dump_config,
@@ -168,6 +169,11 @@ def check_space(config: SweepConfig, base: RunConfig) -> None:
     """Build a trial config from every listed value and range end, so a bad key or value fails
     now, naming it, and not in the middle of the sweep."""
     for key, kind, values in config.search.dimensions():
+        if base.lora.init_adapter and key.removeprefix("lora.") in LoraConfig.SHAPE and key.startswith("lora."):
+            raise ConfigError(
+                f"search.space.{key}: the adapter's shape is lora.init_adapter's ({base.lora.init_adapter}); "
+                "a sweep that continues an adapter cannot vary it"
+            )
         for value in values:
             try:
                 trial_config(base, {key: value}, "check", Path("."))
