@@ -1,5 +1,6 @@
-"""Two Ray nodes (`ray.cluster_utils.Cluster`): training workers on different nodes writing
-checkpoints to shared storage, then two serving replicas, one per node. The base model is a hub
+"""Two Ray nodes (`ray.cluster_utils.Cluster`): a GRPO run whose training workers and rollout
+engines are on different nodes, the workers writing checkpoints to shared storage and publishing
+each policy version to both engines, then two serving replicas, one per node. The base model is a hub
 id and each node has its own Hugging Face cache, as on a real cluster: nothing may rely on the
 driver's local copy of the model."""
 
@@ -25,7 +26,7 @@ HUB_ID = "finch-test/tiny-serving"
 HEAD_CACHE, NODE_CACHE = "hf-cache-head", "hf-cache-node"  # each node's HF_HUB_CACHE, under tmp_path
 
 
-def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_serving_model_dir):
+def test_two_nodes_train_one_adapter_with_rollouts_on_both_and_serve_it_from_both(tmp_path, tiny_serving_model_dir):
     data = write_jsonl(tmp_path / "facts.jsonl", FACTS)
     for cache in HEAD_CACHE, NODE_CACHE:
         place_in_hub_cache(tiny_serving_model_dir, tmp_path / cache, HUB_ID)
@@ -35,7 +36,16 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
         [str(data)],
         name="facts-2n",
         model={"path": HUB_ID},
-        train={"max_steps": 4, "save_steps": 2, "lr": 5e-3},
+        data={"max_length": 64},
+        # 2 completions per worker and step, groups of 4: TRL splits each group between the workers
+        train={"objective": "grpo", "max_steps": 4, "save_steps": 2, "batch_size": 2, "lr": 5e-3},
+        grpo={
+            "num_generations": 4,
+            "max_completion_length": 6,
+            "seed": 0,
+            "rollout_engines": 2,
+            "rewards": [{"name": "regex", "pattern": "lantern"}],
+        },
         lora={"target_modules": ["q_proj", "v_proj"]},
         scale={"num_workers": 2, "cpus_per_worker": 1},
     )
@@ -62,6 +72,10 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen["nodes"] == 2 and seen["registered"] == "facts-2n@v1"
     assert len(set(seen["train_worker_nodes"])) == 2  # one training worker per node
+    assert len(set(seen["rollout_engine_nodes"])) == 2  # and one rollout engine per node
+    history = json.loads((tmp_path / "runs" / "facts-2n" / "final" / "log_history.json").read_text())
+    versions = [(e["step"], e["rollouts/policy_version"]) for e in history if "rollouts/policy_version" in e]
+    assert versions == [(1, 0), (2, 1), (3, 2), (4, 3)]  # every step sampled by the policy of the step before
     # both ranks wrote their part of each checkpoint into the one shared storage folder
     checkpoint = sorted((tmp_path / "runs" / "facts-2n").glob("checkpoint-*"))[-1]
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
@@ -70,7 +84,7 @@ def test_two_nodes_train_one_adapter_and_serve_it_from_both(tmp_path, tiny_servi
     assert len(set(seen["answers"])) == 1  # greedy: the same answer from either node
     # The second node's training worker and replica found the model in that node's own cache.
     node_cache = str(tmp_path / NODE_CACHE)
-    for actor in "RayTrainWorker", "ServeReplica":
+    for actor in "RayTrainWorker", "RolloutEngine", "ServeReplica":
         assert any(actor in line and node_cache in line for line in result.stdout.splitlines()), actor
 
 

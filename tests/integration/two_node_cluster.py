@@ -1,6 +1,6 @@
 """Run by test_multinode.py in a process of its own: a two-node `ray.cluster_utils.Cluster`
-(one CPU per node), a 2-worker training whose workers must land on different nodes, then the
-trained adapter served by two replicas, one per node. Writes its observations as JSON to
+(one CPU per node), a 2-worker training (GRPO, with two rollout engines) whose workers and engines
+must land on different nodes, then the trained adapter served by two replicas, one per node. Writes its observations as JSON to
 the file named by its third argument (stdout also carries the replicas' forwarded logs)."""
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main(run_config_path: str, serve_config_path: str, observations_path: str) -
     try:
         entry = train(load_config(run_config_path))
         train_nodes = actor_nodes(cluster.address, "RayTrainWorker")
+        engine_nodes = actor_nodes(cluster.address, "RolloutEngine")
 
         serve_config = load_config(serve_config_path, [f"adapters=[{entry.name}]"], schema=ServeConfig)
         url = run(serve_config, blocking=False)
@@ -75,6 +76,7 @@ def main(run_config_path: str, serve_config_path: str, observations_path: str) -
                 {
                     "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}),
                     "train_worker_nodes": train_nodes,
+                    "rollout_engine_nodes": engine_nodes,
                     "replica_nodes": replica_nodes,
                     "statuses": [a.status_code for a in answers],
                     "answers": [a.json()["choices"][0]["message"]["content"] for a in answers if a.status_code == 200],

@@ -46,13 +46,17 @@ class FixedEngine:
         self.model, self.stop = model, stop
         self.published: list[int] = []
         self.files: list[dict[str, bytes]] = []
+        self.positions: list[tuple[int, int | None]] = []  # (start, total) of each call
         self.batches: list[list[tuple[int, int, list[int]]]] = []  # (prompt index, sample, completion ids)
 
     def publish(self, version: int, files: dict[str, bytes]) -> None:
         self.published.append(version)
         self.files.append(files)
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollouts:
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, start: int = 0, total: int | None = None
+    ) -> Rollouts:
+        self.positions.append((start, total))
         seen: dict[int, int] = {}
         batch, logprobs = [], []
         for prompt in prompts:
@@ -256,3 +260,15 @@ def test_advantages_loss_and_gradients_equal_the_direct_computation(
         direct = model.get_parameter(name).grad
         assert (gradient - direct).norm() <= 1e-4 * direct.norm(), name
     assert any(gradient.abs().max() > 0 for gradient in recorder.gradients.values())
+
+
+def test_each_worker_tells_the_engine_where_its_prompts_sit_in_the_whole_step(tmp_path, tiny_model_dir, monkeypatch):
+    """With several training workers TRL may split a GRPO group between them. With grpo.seed each
+    request's seed is its place in the step's whole batch: a worker's prompts numbered from 0 would
+    give the second worker's half of a group the first half's seeds, and so the same completions."""
+    trainer, engine = rl_trainer(tmp_path, tiny_model_dir, "grpo")
+    accelerator = type(trainer.accelerator)
+    monkeypatch.setattr(accelerator, "process_index", property(lambda self: 1))  # the second of two workers
+    monkeypatch.setattr(accelerator, "num_processes", property(lambda self: 2))
+    trainer.sample([PROMPTS[0], PROMPTS[0]])
+    assert engine.positions == [(2, 4)]

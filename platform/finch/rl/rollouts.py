@@ -105,7 +105,9 @@ class RolloutSource(Protocol):
 
     def publish(self, version: int, files: dict[str, bytes]) -> None: ...
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollouts: ...
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, start: int = 0, total: int | None = None
+    ) -> Rollouts: ...
 
 
 @dataclass(frozen=True)
@@ -123,15 +125,20 @@ class RolloutClient:
         files_ref = ray.put(files)  # one copy in the object store, whatever the number of engines
         ray.get([engine.publish.remote(version, files_ref) for engine in self.engines])
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> Rollouts:
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, start: int = 0, total: int | None = None
+    ) -> Rollouts:
+        """`start`, `total`: where `prompts` sit in the step's whole batch, which several training
+        workers share (RolloutEngine.generate)."""
         import ray
 
+        total = len(prompts) if total is None else total
         share = -(-len(prompts) // len(self.engines))  # ceiling: the last engine may get fewer
-        starts = range(0, len(prompts), share)
+        firsts = range(0, len(prompts), share)
         parts = ray.get(
             [
-                engine.generate.remote(prompts[start : start + share], sampling, start, len(prompts))
-                for engine, start in zip(self.engines, starts, strict=False)
+                engine.generate.remote(prompts[first : first + share], sampling, start + first, total)
+                for engine, first in zip(self.engines, firsts, strict=False)
             ]
         )
         versions = {part.version for part in parts}
@@ -201,8 +208,9 @@ class RolloutEngine:
         self, prompts: list[list[int]], sampling: Sampling, start: int = 0, total: int | None = None
     ) -> Rollouts:
         """One completion per prompt (GRPO's groups come as repeated prompts) from the latest policy.
-        `start`, `total`: where these prompts sit in a step's batch shared among engines, which makes
-        each request's seed (with sampling.seed) unique in the run."""
+        `start`, `total`: where these prompts sit in a step's whole batch (shared among training
+        workers and engines), which makes each request's seed (with sampling.seed) unique in the run:
+        two workers holding parts of one GRPO group must not sample the same completions."""
         if self.version is None:
             raise RuntimeError("no policy published yet: publish version 0 before the first rollouts")
         version = self.version

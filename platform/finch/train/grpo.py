@@ -49,7 +49,9 @@ class RolloutsFromFinchEngine:
         """A completion per prompt and the engine's log-probability of each of its tokens."""
         if self.published_step != self.state.global_step:
             self.publish_policy()
-        rollouts = self.rollouts.generate(prompt_ids, self.sampling)
+        # Every worker samples as many prompts; TRL may split a GRPO group between workers.
+        rank, workers = self.accelerator.process_index, self.accelerator.num_processes
+        rollouts = self.rollouts.generate(prompt_ids, self.sampling, rank * len(prompt_ids), workers * len(prompt_ids))
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["rollouts/policy_version"].append(rollouts.version)
         return rollouts.completion_ids, rollouts.logprobs

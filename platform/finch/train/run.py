@@ -316,10 +316,10 @@ def rollout_engine(config: RunConfig, model: ModelSource) -> Iterator[Any]:
     actor_class = ray.remote(num_cpus=0, num_gpus=gpus, max_restarts=config.scale.max_failures)(RolloutEngine)
     settings = rollout_engine_settings(config)
     engines = tuple(
-        actor_class.options(scheduling_strategy="SPREAD").remote(
+        actor_class.options(scheduling_strategy=placement).remote(
             model, config.model.dtype, settings, gpus=gpus, full_weights=config.train.method == "full"
         )
-        for _ in range(config.grpo.rollout_engines)
+        for placement in engine_placements(config.grpo.rollout_engines, gpus)
     )
     try:
         yield RolloutClient(engines)
@@ -328,6 +328,20 @@ def rollout_engine(config: RunConfig, model: ModelSource) -> Iterator[Any]:
             with contextlib.suppress(Exception):  # a dead actor has nothing left to shut down
                 ray.get(engine.shutdown.remote(), timeout=60)
             ray.kill(engine)
+
+
+def engine_placements(count: int, gpus: int) -> list[Any]:
+    """Where rollout engines go: on GPUs, where Ray finds free ones (SPREAD across nodes); on CPU,
+    round the nodes that have CPUs. An engine that reserves no resource is not spread by Ray's
+    SPREAD (measured: two landed on one node of two), so each is pinned to a node, softly: a node
+    gone by then leaves the choice to Ray."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if gpus:
+        return ["SPREAD"] * count
+    nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
+    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) for i in range(count)]
 
 
 def scaling_config(config: RunConfig):
