@@ -332,16 +332,18 @@ def rollout_engine(config: RunConfig, model: ModelSource) -> Iterator[Any]:
 
 def engine_placements(count: int, gpus: int) -> list[Any]:
     """Where rollout engines go: on GPUs, where Ray finds free ones (SPREAD across nodes); on CPU,
-    round the nodes that have CPUs. An engine that reserves no resource is not spread by Ray's
-    SPREAD (measured: two landed on one node of two), so each is pinned to a node, softly: a node
-    gone by then leaves the choice to Ray."""
+    round the nodes that have CPUs. An engine that reserves no resource is not reliably spread by
+    Ray: SPREAD, and a soft node affinity too, put two such engines on one node of two now and then
+    (measured on ray.cluster_utils clusters), so each is pinned to its node. The cost: an engine
+    whose node is lost is not started elsewhere, and the run fails at its next rollouts (resume it
+    from its last checkpoint); a killed engine process is restarted on its node as before."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if gpus:
         return ["SPREAD"] * count
     nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
-    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) for i in range(count)]
+    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False) for i in range(count)]
 
 
 def scaling_config(config: RunConfig):
