@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from finch.config import EngineConfig
-from finch.registry.store import ADAPTER_FILES
 from finch.rl.rollouts import RolloutClient, RolloutEngine, Sampling, policy_files
 from tests.conftest import make_adapter
 from tests.greedy import load_reference
@@ -26,10 +25,6 @@ def sampled_logprobs(model, prompt: list[int], completion: list[int]) -> list[fl
     return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion)[:, None])[:, 0].tolist()
 
 
-def adapter_files(folder) -> dict[str, bytes]:
-    return {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
-
-
 def test_versions_swap_in_and_logprobs_match_the_training_model(ray_local, tmp_path, tiny_serving_model_dir):
     """As GRPO runs it: a Ray actor (vLLM and its sockets live and die with the actor's process)."""
     import ray
@@ -42,7 +37,7 @@ def test_versions_swap_in_and_logprobs_match_the_training_model(ray_local, tmp_p
         with pytest.raises(RuntimeError, match="no policy published"):
             ray.get(engine.generate.remote(PROMPTS, sampling))
         for version, folder in versions.items():
-            ray.get(engine.publish.remote(version, adapter_files(folder)))
+            ray.get(engine.publish.remote(version, policy_files(folder, full_weights=False)))
             rollouts = ray.get(engine.generate.remote(PROMPTS, sampling))
             assert rollouts.version == version
             reference = load_reference(tiny_serving_model_dir, folder)
@@ -60,7 +55,7 @@ def test_versions_swap_in_and_logprobs_match_the_training_model(ray_local, tmp_p
         second = ray.remote(num_cpus=0)(RolloutEngine).remote(str(tiny_serving_model_dir), "float32", settings)
         try:
             engines = RolloutClient((engine, second))
-            engines.publish(1, adapter_files(versions[1]))
+            engines.publish(1, policy_files(versions[1], full_weights=False))
             shared = engines.generate(PROMPTS, sampling)
         finally:
             ray.get(second.shutdown.remote())
