@@ -323,6 +323,14 @@ _REWARD_SETTINGS = {
 }
 
 
+def check_keys_unique(what: str, metrics: list[MetricConfig]) -> None:
+    """Metrics and rewards are reported by key (label or name): each key once."""
+    keys = [metric.key for metric in metrics]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"{what} {repeated} appear twice: give each a distinct label")
+
+
 class RewardConfig(MetricConfig):
     """One GRPO reward: an eval text metric scored on each sampled completion, or the length penalty."""
 
@@ -454,6 +462,12 @@ class GrpoConfig(Section):
         0.5, gt=0, le=1, description="GPU only: share of a rollout engine's GPU that vLLM takes."
     )
 
+    @model_validator(mode="after")
+    def _reward_names_unique(self) -> GrpoConfig:
+        # TRL logs each reward as rewards/<key>/mean: two with one key would be mixed up.
+        check_keys_unique("rewards", self.rewards)
+        return self
+
 
 class EvalDataConfig(Section):
     files: list[str] = Field(
@@ -483,10 +497,7 @@ class EvalTaskConfig(Section):
 
     @model_validator(mode="after")
     def _metric_names_unique(self) -> EvalTaskConfig:
-        keys = [m.key for m in self.metrics]
-        repeated = sorted({k for k in keys if keys.count(k) > 1})
-        if repeated:
-            raise ValueError(f"metrics {repeated} appear twice: give each a distinct label")
+        check_keys_unique("metrics", self.metrics)
         return self
 
 

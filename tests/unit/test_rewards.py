@@ -2,15 +2,10 @@
 
 import pytest
 
-from finch.config import REWARDS, ConfigError, RewardConfig, Section, validate_config
+from finch.config import REWARDS, ConfigError, GrpoConfig, RewardConfig, validate_config
 from finch.eval.metrics import TEXT_METRICS
 from finch.rl.rewards import reward_functions
-
-
-class Rewards(Section):
-    """A stand-in config section holding a list of rewards, as a run config would."""
-
-    rewards: list[RewardConfig]
+from finch.train.plots import plot_loss, reward_terms
 
 
 def rewards(*specs: dict | str) -> tuple[list, list[float]]:
@@ -134,12 +129,12 @@ def test_settings_are_checked_when_the_functions_are_built():
 )
 def test_bad_reward_config_names_the_problem(spec, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config({"rewards": [spec]}, schema=Rewards)
+        validate_config({"rewards": [spec]}, schema=GrpoConfig)
 
 
-def test_two_rewards_with_one_key_are_refused():
-    with pytest.raises(ValueError, match=r"rewards \['numeric_match'\] appear twice"):
-        rewards("numeric_match", {"name": "numeric_match", "weight": 0.5})
+def test_two_rewards_with_one_key_are_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"rewards \['numeric_match'\] appear twice"):
+        validate_config({"rewards": ["numeric_match", {"name": "numeric_match", "weight": 0.5}]}, schema=GrpoConfig)
     functions, _ = rewards("numeric_match", {"name": "numeric_match", "label": "numeric_again"})
     assert [function.__name__ for function in functions] == ["numeric_match", "numeric_again"]
 
@@ -199,3 +194,14 @@ def test_a_registry_reward_model_scores_each_prompt_and_completion(tmp_path, tin
         alone = [judge(torch.tensor([p + c])).logits[0, 0].item() for p, c in zip(prompts, completions)]
     assert scores == pytest.approx(alone, abs=1e-5)
     assert len(set(scores)) > 5  # the completions are told apart
+
+
+def test_the_run_plot_draws_each_reward_when_there_are_several(tmp_path):
+    step = {"loss": 0.1, "reward": 2.5, "rewards/short/mean": 0.5, "rewards/category/mean": 1.0, "kl": 0.01}
+    history = [step | {"step": 1}, step | {"step": 2, "reward": 1.5}]
+    assert reward_terms(history) == ["rewards/category/mean", "rewards/short/mean"]
+    # One reward is the weighted sum already; DPO's rewards/chosen and rewards/margins are not rewards of a step.
+    assert reward_terms([{"step": 1, "reward": 1.0, "rewards/only/mean": 1.0}]) == []
+    assert reward_terms([{"step": 1, "rewards/chosen": 0.1, "rewards/margins": 0.2}]) == []
+    png = plot_loss(history, tmp_path / "loss.png", "grpo")
+    assert png.read_bytes().startswith(b"\x89PNG")

@@ -33,11 +33,6 @@ def reward_functions(
 
     A bad regex, schema or import path fails here (ConfigError), before any generation.
     """
-    keys = [reward.key for reward in rewards]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:
-        # TRL logs each reward as rewards/<name>/mean: two with one name would be mixed up.
-        raise ValueError(f"rewards {repeated} appear twice: give each a distinct label")
     return [_reward_function(reward, load_reward_model) for reward in rewards], [reward.weight for reward in rewards]
 
 

@@ -11,6 +11,15 @@ def series(log_history: list[dict[str, Any]], key: str) -> list[tuple[int, float
     return [(e["step"], e[key]) for e in log_history if key in e]
 
 
+def reward_terms(log_history: list[dict[str, Any]]) -> list[str]:
+    """The keys of a GRPO run's separate rewards (TRL's rewards/<key>/mean) when it has several: their
+    weighted sum alone can hide one rising while another falls."""
+    keys = sorted(
+        {key for entry in log_history for key in entry if key.startswith("rewards/") and key.endswith("/mean")}
+    )
+    return keys if len(keys) > 1 else []
+
+
 def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -25,13 +34,15 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> Path
     if series(log_history, "reward"):
         panels.append(("reward (mean over the step's completions)", ("reward", "eval_reward")))
     if series(log_history, "kl"):
-        panels.append(("kl (policy to base)", ("kl", "eval_kl")))
+        panels.append(("kl (policy to reference)", ("kl", "eval_kl")))
     figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
     for axis, (ylabel, (train_key, eval_key)) in zip(axes[0], panels):
         if train := series(log_history, train_key):
             axis.plot(*zip(*train), label=f"train {ylabel.split(' ')[0]}")
         if evals := series(log_history, eval_key):
             axis.plot(*zip(*evals), marker="o", label=f"eval {ylabel.split(' ')[0]}")
+        for key in reward_terms(log_history) if train_key == "reward" else []:
+            axis.plot(*zip(*series(log_history, key)), linestyle="--", label=key.split("/")[1] + " (unweighted)")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
