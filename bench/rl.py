@@ -39,9 +39,9 @@ def run_config(args: argparse.Namespace, output_dir: str) -> dict:
     config = yaml.safe_load((REPO / "jobs" / "grpo.yaml").read_text())
     config["output_dir"], config["registry_dir"] = f"{output_dir}/runs", f"{output_dir}/registry"
     config["data"]["train_files"] = [str(REPO / "jobs" / "data" / "triage.jsonl")]
-    # A fresh adapter of the SFT adapter's shape: TRL's side starts from the base too, and the
-    # benchmark needs no registry.
-    config["lora"] = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+    # A fresh adapter of the shape of the SFT adapter jobs/grpo.yaml continues: TRL's side starts
+    # from the base too, and the benchmark needs no registry.
+    config["lora"] = yaml.safe_load((REPO / "jobs" / "quickstart" / "triage.yaml").read_text())["lora"]
     config["train"].pop("eval_tasks", None)
     config["train"] |= {"max_steps": args.steps, "batch_size": args.batch_size, "save_steps": 10**6}
     config["grpo"] |= {
