@@ -26,22 +26,23 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path, title: str) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("loss", ("loss", "eval_loss"))]
+    # (y label, train key, eval key, further keys drawn dashed beside them)
+    panels = [("loss", "loss", "eval_loss", [])]
     if series(log_history, "rewards/margins"):
-        panels.append(("reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")))
+        panels.append(("reward margin (chosen - rejected)", "rewards/margins", "eval_rewards/margins", []))
     if series(log_history, "accuracy"):
-        panels.append(("accuracy (chosen scored higher)", ("accuracy", "eval_accuracy")))
+        panels.append(("accuracy (chosen scored higher)", "accuracy", "eval_accuracy", []))
     if series(log_history, "reward"):
-        panels.append(("reward (mean over the step's completions)", ("reward", "eval_reward")))
+        panels.append(("reward (mean over the step's completions)", "reward", "eval_reward", reward_terms(log_history)))
     if series(log_history, "kl"):
-        panels.append(("kl (policy to reference)", ("kl", "eval_kl")))
+        panels.append(("kl (policy to reference)", "kl", "eval_kl", []))
     figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
-    for axis, (ylabel, (train_key, eval_key)) in zip(axes[0], panels):
+    for axis, (ylabel, train_key, eval_key, terms) in zip(axes[0], panels):
         if train := series(log_history, train_key):
             axis.plot(*zip(*train), label=f"train {ylabel.split(' ')[0]}")
         if evals := series(log_history, eval_key):
             axis.plot(*zip(*evals), marker="o", label=f"eval {ylabel.split(' ')[0]}")
-        for key in reward_terms(log_history) if train_key == "reward" else []:
+        for key in terms:
             axis.plot(*zip(*series(log_history, key)), linestyle="--", label=key.split("/")[1] + " (unweighted)")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel(ylabel)
