@@ -11,7 +11,7 @@ import pytest
 from finch.fingerprint import fingerprint_model_folder
 from finch.registry.store import resolve_entry
 from finch.serve.engine import check_servable
-from tests.conftest import data_file, register_reward_model
+from tests.conftest import data_file, register_adapter, register_reward_model
 from tests.integration.test_objectives import mlflow_history, run
 
 pytestmark = pytest.mark.integration
@@ -51,10 +51,10 @@ def test_grpo_trains_on_rollouts_of_the_current_policy_and_registers_a_servable_
 def test_rloo_trains_on_from_a_registered_sft_adapter_which_is_its_reference(tmp_path, tiny_serving_model_dir):
     """base -> SFT -> RLOO: the policy starts as the SFT adapter, which is also the KL reference (the
     KL is 0 on the first step, before any update), and the new entry names it. One reward is a
-    reward model from the registry; two rollout engines share the sampling."""
+    reward model from the registry; two rollout engines share the sampling. The SFT adapter is a
+    registered random one: what `finch train` registers is tests/integration/test_train_e2e.py's."""
     questions = str(data_file("sft/gsm8k_chat_train.jsonl"))
-    sft = {"max_length": 512}
-    run(tmp_path, tiny_serving_model_dir, "sft", [questions], data=sft, train={"max_steps": 2, "save_steps": 2})
+    register_adapter(tmp_path / "registry", tiny_serving_model_dir, "sft")
     register_reward_model(tmp_path / "registry", tiny_serving_model_dir, "judge")
     registry, _ = run(
         tmp_path,

@@ -38,7 +38,7 @@ def test_two_nodes_train_one_adapter_with_rollouts_on_both_and_serve_it_from_bot
         model={"path": HUB_ID},
         data={"max_length": 64},
         # 2 completions per worker and step, groups of 4: TRL splits each group between the workers
-        train={"objective": "grpo", "max_steps": 4, "save_steps": 2, "batch_size": 2, "lr": 5e-3},
+        train={"objective": "grpo", "max_steps": 2, "save_steps": 2, "batch_size": 2, "lr": 5e-3},
         grpo={
             "num_generations": 4,
             "max_completion_length": 6,
@@ -75,7 +75,7 @@ def test_two_nodes_train_one_adapter_with_rollouts_on_both_and_serve_it_from_bot
     assert len(set(seen["rollout_engine_nodes"])) == 2  # and one rollout engine per node
     history = json.loads((tmp_path / "runs" / "facts-2n" / "final" / "log_history.json").read_text())
     versions = [(e["step"], e["rollouts/policy_version"]) for e in history if "rollouts/policy_version" in e]
-    assert versions == [(1, 0), (2, 1), (3, 2), (4, 3)]  # every step sampled by the policy of the step before
+    assert versions == [(1, 0), (2, 1)]  # every step sampled by the policy of the step before
     # both ranks wrote their part of each checkpoint into the one shared storage folder
     checkpoint = sorted((tmp_path / "runs" / "facts-2n").glob("checkpoint-*"))[-1]
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}

@@ -45,6 +45,31 @@ def test_a_sweep_ranked_by_a_task_metric_needs_a_mode():
     assert validate_config({**base, "metric": "gsm8k/numeric_match", "mode": "max"}, schema=SweepConfig).mode == "max"
 
 
+def test_a_sweep_ranked_by_a_task_metric_picks_the_best_score_and_breaks_ties_by_eval_loss():
+    from finch.tune.report import TrialResult
+    from finch.tune.sweep import SweepError, best_trial
+
+    def trial(name, eval_loss, score, checkpoint="final"):
+        return TrialResult(name, {}, eval_loss, 3, f"/runs/{name}/{checkpoint}", None, task_score=score)
+
+    base = {"name": "s", "run": "r.yaml", "search": {"space": {"train.lr": {"choice": [1e-4]}}}}
+    accuracy = validate_config({**base, "metric": "gsm8k/numeric_match", "mode": "max"}, schema=SweepConfig)
+    errors = validate_config({**base, "metric": "gsm8k/errors", "mode": "min"}, schema=SweepConfig)
+    by_loss = validate_config(base, schema=SweepConfig)
+    results = [
+        trial("low-loss", 0.5, 0.25),
+        trial("tie-worse-loss", 0.9, 0.75),
+        trial("tie-better-loss", 0.7, 0.75),
+        trial("stopped-early", 0.1, 1.0, checkpoint="checkpoint-2"),  # ASHA stopped it: never the best
+        trial("unscored", 0.2, None),
+    ]
+    assert best_trial(results, accuracy).trial_id == "tie-better-loss"
+    assert best_trial(results, errors).trial_id == "low-loss"
+    assert best_trial(results, by_loss).trial_id == "unscored"  # eval loss ranks every finished trial
+    with pytest.raises(SweepError, match="no finished trial got a gsm8k/numeric_match score"):
+        best_trial([trial("unscored", 0.2, None)], accuracy)
+
+
 def test_rows_become_prompts_and_references_in_every_format(tmp_path):
     rows = [
         {

@@ -62,7 +62,8 @@ class TrialResult:
 def print_results(results: list[TrialResult], best: TrialResult, sweep: Any, console: Console) -> None:
     keys = list(sweep.search.space)
     task_metric = [sweep.metric] if sweep.metric != "eval_loss" else []
-    table = Table(title=f"sweep {sweep.name}: {len(results)} trials, best {best.trial_id} by {sweep.metric}")
+    trials = f"{len(results)} trial{'s' * (len(results) != 1)}"
+    table = Table(title=f"sweep {sweep.name}: {trials}, best {best.trial_id} by {sweep.metric}")
     for column in ["trial", *keys, "status", "evals", "eval_loss", *task_metric]:
         table.add_column(column, justify="left" if column in ("trial", "status") else "right")
     for r in sorted(
