@@ -32,6 +32,11 @@ def init_ray() -> None:
         # core-worker line on every run (ray-project/ray#53727). Clusters keep it. Ray Train passes the
         # driver's value on to its controller.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Serve's controller gives its HTTP proxy 3 readiness checks of 5 s to start, then kills it,
+        # and `finch serve` fails with ActorDiedError. A proxy starting on a busy 2-core machine took
+        # longer (measured: 37 s, beside two other Ray jobs). 3 x 30 s; an idle machine's proxy
+        # is ready within seconds, so this never delays it. Ray's processes inherit the variable.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     ray.init(
         address=address,
         logging_level=logging.WARNING,
